@@ -1,0 +1,167 @@
+// The only loop state other threads touch: the remote inbox that call_soon_threadsafe pushes
+// onto, and the word that says whether the loop is parked and how to wake it.
+//
+// It lives in a small reference-counted block apart from the loop (LoopToken and every worker
+// hold a reference), so a thread that posts after the loop has finished finds a closed inbox
+// and gets RunFinishedError instead of touching freed memory.
+#pragma once
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <system_error>
+
+#include <linux/futex.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "runnable.hpp"
+
+namespace anyio::detail {
+
+inline void futex_wait(std::atomic<std::uint32_t>* word, std::uint32_t expected,
+                       const std::timespec* relative_timeout) noexcept {
+    // Returns at once if *word != expected: the kernel compares under its own lock, which is
+    // what makes "store parked, re-check, sleep" free of lost wake-ups.
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), FUTEX_WAIT_PRIVATE, expected,
+              relative_timeout, nullptr, 0);
+}
+
+inline void futex_wake(std::atomic<std::uint32_t>* word) noexcept {
+    ::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(word), FUTEX_WAKE_PRIVATE, 1, nullptr,
+              nullptr, 0);
+}
+
+class LoopShared {
+public:
+    enum ParkState : std::uint32_t { running = 0, parked_on_futex = 1, parked_in_poller = 2 };
+
+    LoopShared() : event_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+        if (event_fd_ < 0) {
+            throw std::system_error(errno, std::generic_category(),
+                                    "anyio: eventfd() failed while creating an event loop");
+        }
+    }
+    ~LoopShared() { ::close(event_fd_); }
+    LoopShared(const LoopShared&) = delete;
+    LoopShared& operator=(const LoopShared&) = delete;
+
+    /// Pushes `node` (any thread). Returns false, leaving the node untouched, once the loop
+    /// has closed the inbox. Lock-free: one CAS, plus a wake-up only if the loop is parked.
+    bool post(Runnable* node) noexcept {
+        // seq_cst (not release) on the CAS: it pairs with the loop's seq_cst store of
+        // park_state_ followed by its load of head_ (a Dekker pattern), so either the loop
+        // sees this node before sleeping or we see it parked and wake it.
+        Runnable* head = head_.load(std::memory_order_relaxed);  // a hint; the CAS validates
+        do {
+            if (head == closed_marker()) return false;
+            node->next_ = head;
+        } while (!head_.compare_exchange_weak(head, node, std::memory_order_seq_cst,
+                                              std::memory_order_relaxed));
+        // seq_cst: the other half of the Dekker pattern above.
+        if (park_state_.load(std::memory_order_seq_cst) != running) wake();
+        return true;
+    }
+
+    /// Takes every posted node, oldest first (loop thread). Returns {first, last} or nulls.
+    struct Chain {
+        Runnable* first = nullptr;
+        Runnable* last = nullptr;
+    };
+    Chain take_all() noexcept {
+        // relaxed check first so an empty inbox costs no RMW; acquire on the exchange makes the
+        // producers' writes to the nodes (made before their CAS) visible here.
+        if (head_.load(std::memory_order_relaxed) == nullptr) return {};
+        return reverse(head_.exchange(nullptr, std::memory_order_acquire));
+    }
+
+    /// True when something is waiting in the inbox (a hint for spinning; loop thread).
+    [[nodiscard]] bool has_posts() const noexcept {
+        // relaxed: only a hint; take_all's acquire exchange does the synchronising.
+        return head_.load(std::memory_order_relaxed) != nullptr;
+    }
+
+    /// Closes the inbox for good and returns what was still in it (loop thread, at shutdown).
+    Chain close() noexcept {
+        // acquire: as in take_all; every later post sees the marker and fails.
+        return reverse(head_.exchange(closed_marker(), std::memory_order_acq_rel));
+    }
+
+    [[nodiscard]] bool closed() const noexcept {
+        // acquire: a thread that sees the loop closed also sees everything it did before.
+        return head_.load(std::memory_order_acquire) == closed_marker();
+    }
+
+    /// Loop thread: announce that it is about to sleep, then re-check the inbox. Returns false
+    /// (and stays running) when a post arrived in between.
+    bool prepare_to_park(ParkState how) noexcept {
+        // seq_cst store then seq_cst load: the loop's half of the Dekker pattern with post().
+        park_state_.store(how, std::memory_order_seq_cst);
+        if (head_.load(std::memory_order_seq_cst) != nullptr) {
+            park_state_.store(running, std::memory_order_relaxed);  // nobody waits on this value
+            return false;
+        }
+        return true;
+    }
+    void park_on_futex(const std::timespec* timeout) noexcept {
+        futex_wait(&park_state_, parked_on_futex, timeout);
+        // relaxed: only the loop reads this for decisions; producers only compare to running.
+        park_state_.store(running, std::memory_order_relaxed);
+    }
+    void unparked() noexcept { park_state_.store(running, std::memory_order_relaxed); }
+
+    /// Empties the eventfd after the poller reported it readable (loop thread).
+    void drain_event_fd() noexcept {
+        std::uint64_t count = 0;
+        [[maybe_unused]] auto ignored = ::read(event_fd_, &count, sizeof count);
+    }
+    [[nodiscard]] int event_fd() const noexcept { return event_fd_; }
+
+    /// Statistics for benchmarks: how many wake-ups were actually sent.
+    [[nodiscard]] std::uint64_t wakeups_sent() const noexcept {
+        return wakeups_sent_.load(std::memory_order_relaxed);  // relaxed: a counter
+    }
+
+private:
+    static Runnable* closed_marker() noexcept {
+        static Runnable marker{nullptr};
+        return &marker;
+    }
+
+    static Chain reverse(Runnable* stack) noexcept {
+        if (stack == nullptr || stack == closed_marker()) return {};
+        Runnable* last = stack;
+        Runnable* reversed = nullptr;
+        while (stack != nullptr) {
+            Runnable* next = stack->next_;
+            stack->next_ = reversed;
+            reversed = stack;
+            stack = next;
+        }
+        return {reversed, last};
+    }
+
+    void wake() noexcept {
+        // acq_rel exchange: only the first poster to see the loop parked sends the wake-up;
+        // those after it read `running` and send nothing.
+        std::uint32_t state = park_state_.exchange(running, std::memory_order_acq_rel);
+        if (state == running) return;
+        wakeups_sent_.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+        if (state == parked_on_futex) {
+            futex_wake(&park_state_);
+        } else {
+            std::uint64_t one = 1;
+            [[maybe_unused]] auto ignored = ::write(event_fd_, &one, sizeof one);
+        }
+    }
+
+    std::atomic<Runnable*> head_{nullptr};
+    std::atomic<std::uint32_t> park_state_{running};
+    std::atomic<std::uint64_t> wakeups_sent_{0};
+    int event_fd_;
+};
+
+}  // namespace anyio::detail

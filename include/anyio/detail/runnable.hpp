@@ -1,0 +1,54 @@
+// The loop's unit of work: an intrusive node with a function pointer, so scheduling never
+// allocates and never goes through std::function.
+#pragma once
+
+namespace anyio::detail {
+
+struct Runnable {
+    /// Runs the node (`run == true`) or disposes of it unrun, when the loop shuts down with
+    /// the node still queued (`run == false`). The node may free itself in either case.
+    using Invoke = void (*)(Runnable* self, bool run);
+
+    explicit Runnable(Invoke invoke) noexcept : invoke_(invoke) {}
+
+    Runnable* next_ = nullptr;
+    Invoke invoke_;
+};
+
+/// FIFO of runnables: the loop's ready queue. Loop-thread only.
+class RunQueue {
+public:
+    [[nodiscard]] bool empty() const noexcept { return head_ == nullptr; }
+    void push(Runnable* node) noexcept {
+        node->next_ = nullptr;
+        if (tail_ != nullptr) {
+            tail_->next_ = node;
+        } else {
+            head_ = node;
+        }
+        tail_ = node;
+    }
+    /// Appends a chain already in FIFO order.
+    void push_chain(Runnable* first, Runnable* last) noexcept {
+        if (tail_ != nullptr) {
+            tail_->next_ = first;
+        } else {
+            head_ = first;
+        }
+        tail_ = last;
+    }
+    Runnable* pop() noexcept {
+        Runnable* node = head_;
+        if (node != nullptr) {
+            head_ = node->next_;
+            if (head_ == nullptr) tail_ = nullptr;
+        }
+        return node;
+    }
+
+private:
+    Runnable* head_ = nullptr;
+    Runnable* tail_ = nullptr;
+};
+
+}  // namespace anyio::detail

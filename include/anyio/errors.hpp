@@ -1,0 +1,89 @@
+// anyio-cpp: exception types.
+//
+// Cancelled deliberately does not derive from std::exception (it mirrors Python's
+// BaseException-derived CancelledError), so `catch (const std::exception&)` cannot swallow a
+// cancellation by accident. Every other error derives from std::exception and its message
+// says what went wrong and what to do about it.
+#pragma once
+
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace anyio {
+
+/// Thrown at a cancellation point of a task whose enclosing cancel scope was cancelled.
+/// Catch it only to clean up, then rethrow it: swallowing it leaves the scope that
+/// cancelled the task waiting for a cancellation that never arrives (a bug, as in trio).
+class Cancelled {
+public:
+    [[nodiscard]] const char* what() const noexcept {
+        return "anyio::Cancelled: the enclosing cancel scope was cancelled (rethrow it after "
+               "cleaning up)";
+    }
+};
+
+/// Thrown by fail_after() when the deadline passes before the task finishes.
+class TimeoutError : public std::runtime_error {
+public:
+    TimeoutError()
+        : std::runtime_error("anyio::TimeoutError: the operation did not finish before its "
+                             "deadline (raise the timeout or use move_on_after to continue)") {}
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown by the non-blocking forms (acquire_nowait) when they would have to wait.
+class WouldBlock : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown when a loop primitive is used on a thread that runs no event loop.
+class NoEventLoopError : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown when a LoopToken, a portal or call_soon_threadsafe is used after its loop finished.
+class RunFinishedError : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+    RunFinishedError()
+        : std::runtime_error("anyio::RunFinishedError: the event loop has already finished; "
+                             "keep the loop running while other threads still call into it") {}
+};
+
+/// Several exceptions raised together (by the children of a task group).
+class ExceptionGroup : public std::runtime_error {
+public:
+    explicit ExceptionGroup(std::vector<std::exception_ptr> exceptions)
+        : std::runtime_error(describe(exceptions)), exceptions_(std::move(exceptions)) {}
+
+    /// The exceptions, in the order they were raised.
+    [[nodiscard]] const std::vector<std::exception_ptr>& exceptions() const noexcept {
+        return exceptions_;
+    }
+
+private:
+    static std::string describe(const std::vector<std::exception_ptr>& exceptions) {
+        std::string message = "anyio::ExceptionGroup: " + std::to_string(exceptions.size()) +
+                              " tasks failed (inspect exceptions() for each error):";
+        for (const auto& e : exceptions) {
+            try {
+                std::rethrow_exception(e);
+            } catch (const std::exception& error) {
+                message += "\n  - ";
+                message += error.what();
+            } catch (...) {
+                message += "\n  - (an exception not derived from std::exception)";
+            }
+        }
+        return message;
+    }
+
+    std::vector<std::exception_ptr> exceptions_;
+};
+
+}  // namespace anyio

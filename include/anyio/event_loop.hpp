@@ -1,0 +1,596 @@
+// anyio-cpp: the event loop, run(), LoopToken.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <concepts>
+#include <coroutine>
+#include <cstdint>
+#include <ctime>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "detail/intrusive_list.hpp"
+#include "detail/poller.hpp"
+#include "detail/remote_inbox.hpp"
+#include "detail/result.hpp"
+#include "detail/runnable.hpp"
+#include "detail/task_state.hpp"
+#include "detail/timer_heap.hpp"
+#include "errors.hpp"
+#include "task.hpp"
+
+namespace anyio {
+
+class EventLoop;
+
+namespace detail {
+
+inline thread_local EventLoop* current_loop = nullptr;
+
+/// A heap node around an arbitrary callable, for the public call_soon* functions (the
+/// library's own hot paths use intrusive nodes instead and never come here).
+template <class F>
+struct CallbackNode final : Runnable {
+    explicit CallbackNode(F&& fn) : Runnable(&invoke), fn_(std::move(fn)) {}
+    static void invoke(Runnable* self, bool run) {
+        std::unique_ptr<CallbackNode> node(static_cast<CallbackNode*>(self));
+        if (run) node->fn_();
+    }
+    F fn_;
+};
+
+template <class F>
+Runnable* make_callback(F&& fn) {
+    return new CallbackNode<std::decay_t<F>>(std::decay_t<F>(std::forward<F>(fn)));
+}
+
+/// Something that hangs on a loop for the loop's lifetime (anyio's RunVar): the worker pool
+/// and the default limiter. `shutdown` runs while the loop can still process completions.
+class LoopService {
+public:
+    virtual ~LoopService() = default;
+    virtual void shutdown(EventLoop& /*loop*/) {}
+};
+
+template <class Service>
+inline const char service_key = 0;
+
+// The root coroutine of every task: it owns the TaskState (in its promise, so a task costs no
+// allocation beyond its frames), runs the body, records how it ended, tells its owner and
+// frees itself.
+struct RootPromise;
+struct RootCoroutine {
+    using promise_type = RootPromise;
+    std::coroutine_handle<RootPromise> handle;
+};
+
+struct RootPromise : TaskState {
+    RootCoroutine get_return_object() noexcept {
+        return {std::coroutine_handle<RootPromise>::from_promise(*this)};
+    }
+    std::suspend_always initial_suspend() noexcept { return {}; }
+    struct FinalAwaiter {
+        bool await_ready() noexcept { return false; }
+        void await_suspend(std::coroutine_handle<RootPromise> self) noexcept {
+            RootPromise& task = self.promise();
+            if (task.ListHook<ScopeTasksTag>::linked()) task.ListHook<ScopeTasksTag>::unlink();
+            if (task.ListHook<LiveTasksTag>::linked()) task.ListHook<LiveTasksTag>::unlink();
+            if (task.on_done_ != nullptr) task.on_done_(task.owner_, task);
+            self.destroy();
+        }
+        void await_resume() noexcept {}
+    };
+    FinalAwaiter final_suspend() noexcept { return {}; }
+    void return_void() noexcept {}
+    void unhandled_exception() noexcept {
+        outcome_ = Outcome::failed;
+        error_ = std::current_exception();
+    }
+};
+
+struct PromiseAccess {
+    RootPromise* promise = nullptr;
+    bool await_ready() noexcept { return false; }
+    bool await_suspend(std::coroutine_handle<RootPromise> self) noexcept {
+        promise = &self.promise();
+        return false;  // never actually suspends
+    }
+    RootPromise& await_resume() noexcept { return *promise; }
+};
+
+inline RootCoroutine root_coroutine(Task<void> body) {
+    RootPromise& self = co_await PromiseAccess{};
+    try {
+        co_await std::move(body);
+        self.outcome_ = TaskState::Outcome::completed;
+    } catch (const Cancelled&) {
+        self.outcome_ = TaskState::Outcome::cancelled;
+        self.error_ = std::current_exception();
+    } catch (...) {
+        self.outcome_ = TaskState::Outcome::failed;
+        self.error_ = std::current_exception();
+    }
+}
+
+}  // namespace detail
+}  // namespace anyio
+namespace anyio {
+
+/// Settings of one event loop (an aggregate: use designated initializers, in this order).
+struct LoopOptions {
+    /// Worker threads idle for this long or longer are stopped (oldest first), at the next
+    /// offload and by the loop on its own when there is no traffic.
+    std::chrono::steady_clock::duration max_idle_time = std::chrono::seconds(10);
+    /// Total tokens of the loop's default thread limiter.
+    std::int64_t default_thread_tokens = 40;
+    /// Name of the worker threads, also given to the OS (cut to 15 bytes).
+    std::string thread_name = "anyio worker";
+    /// Run on each worker thread as it starts, and before it exits.
+    std::function<void()> on_thread_start;
+    std::function<void()> on_thread_stop;
+    /// How long leaving run() waits for busy workers before detaching them (their late
+    /// results are then dropped safely). Empty: wait for ever.
+    std::optional<std::chrono::steady_clock::duration> shutdown_timeout;
+};
+
+/// A copyable handle to a loop that any thread may hold, even after the loop has finished:
+/// it keeps a small shared block alive, never the loop. Every use after the loop finished
+/// throws RunFinishedError. Thread-safe.
+class LoopToken {
+public:
+    LoopToken() noexcept = default;
+
+    /// Runs `fn()` on the loop thread soon (any thread; allocates one node).
+    template <class F>
+    void call_soon_threadsafe(F&& fn) const {
+        detail::Runnable* node = detail::make_callback(std::forward<F>(fn));
+        if (!post(node)) {
+            node->invoke_(node, false);
+            throw RunFinishedError();
+        }
+    }
+
+    /// True once the loop has finished (or for an empty token).
+    [[nodiscard]] bool finished() const noexcept { return !shared_ || shared_->closed(); }
+    [[nodiscard]] explicit operator bool() const noexcept { return shared_ != nullptr; }
+    friend bool operator==(const LoopToken&, const LoopToken&) = default;
+
+    /// Low-level: posts an intrusive node; false if the loop has finished.
+    bool post(detail::Runnable* node) const noexcept { return shared_ && shared_->post(node); }
+    [[nodiscard]] detail::LoopShared* shared() const noexcept { return shared_.get(); }
+
+private:
+    friend class EventLoop;
+    explicit LoopToken(std::shared_ptr<detail::LoopShared> shared) noexcept
+        : shared_(std::move(shared)) {}
+    std::shared_ptr<detail::LoopShared> shared_;
+};
+
+/// The single-threaded event loop. One thread runs it (inside run()); every coroutine of the
+/// loop resumes on that thread. Loop-owned state needs no locks; only call_soon_threadsafe
+/// and the token may be used from other threads.
+///
+/// Thread safety: distinct objects safe; shared objects: only call_soon_threadsafe, token()
+/// and time() from other threads. Allocates its poller and shared block once; scheduling a
+/// task or a timer allocates nothing (the public call_soon* wrap a callable in one node).
+/// Shutdown (when run() returns): services such as the worker pool are shut down while the
+/// loop still processes completions, then the remote inbox is closed (later posts throw
+/// RunFinishedError), and every task frame still alive is destroyed.
+class EventLoop {
+public:
+    using clock = std::chrono::steady_clock;
+    using time_point = clock::time_point;
+    using duration = clock::duration;
+    using Options = LoopOptions;
+
+    explicit EventLoop(Options options = {})
+        : options_(std::move(options)),
+          shared_(std::make_shared<detail::LoopShared>()),
+          poller_(shared_->event_fd()) {}
+    EventLoop(const EventLoop&) = delete;
+    EventLoop& operator=(const EventLoop&) = delete;
+    ~EventLoop() {
+        if (running_) std::terminate();  // destroyed from inside its own run(): a bug
+        if (!finished_) close_without_running();
+    }
+
+    /// Runs `main` to completion on this thread, shuts the loop down, and returns its value
+    /// or rethrows its exception. A loop runs once.
+    template <class T>
+    T run(Task<T> main);
+
+    /// The calling thread's running loop, or nullptr.
+    static EventLoop* current() noexcept { return detail::current_loop; }
+
+    /// The loop clock (any thread).
+    [[nodiscard]] time_point time() const noexcept { return clock::now(); }
+    [[nodiscard]] const Options& options() const noexcept { return options_; }
+    [[nodiscard]] LoopToken token() const noexcept { return LoopToken{shared_}; }
+    [[nodiscard]] bool is_running() const noexcept { return running_; }
+    [[nodiscard]] bool is_finished() const noexcept { return finished_; }
+
+    /// Runs `fn()` on the loop soon, after what is already scheduled. Loop thread only (or
+    /// before the loop starts). Exceptions escaping `fn` are rethrown by run() at the end.
+    template <class F>
+    void call_soon(F&& fn) {
+        require_loop_thread("call_soon");
+        schedule(detail::make_callback(std::forward<F>(fn)));
+    }
+
+    /// Runs `fn()` on the loop thread soon; any thread. Lock-free: one CAS, plus a wake-up
+    /// only when the loop is parked. Throws RunFinishedError once the loop has finished.
+    template <class F>
+    void call_soon_threadsafe(F&& fn) {
+        token().call_soon_threadsafe(std::forward<F>(fn));
+    }
+
+    /// Runs `fn()` on the loop at `when` / after `delay` (loop thread only).
+    template <class F>
+    void call_at(time_point when, F&& fn) {
+        require_loop_thread("call_at");
+        using Fn = std::decay_t<F>;
+        struct Node final : detail::TimerNode {
+            explicit Node(Fn&& f) : TimerNode(&fire), fn(std::move(f)) {}
+            static void fire(TimerNode* self, bool run) {
+                std::unique_ptr<Node> node(static_cast<Node*>(self));
+                if (run) node->fn();
+            }
+            Fn fn;
+        };
+        auto node = std::make_unique<Node>(Fn(std::forward<F>(fn)));
+        add_timer(node.get(), when);
+        node.release();
+    }
+    template <class Rep, class Period, class F>
+    void call_later(std::chrono::duration<Rep, Period> delay, F&& fn) {
+        call_at(time() + std::chrono::duration_cast<duration>(delay), std::forward<F>(fn));
+    }
+
+    // ---- Low-level interface for the library's primitives (not needed by applications) ----
+
+    void schedule(detail::Runnable* node) noexcept { ready_.push(node); }
+    /// Schedules `task` to resume at `where` (it is no longer at a cancellable wait).
+    void schedule_task(detail::TaskState& task, std::coroutine_handle<> where) noexcept {
+        task.wait_ = nullptr;
+        task.resume_point_ = where;
+        schedule(&task);
+    }
+    void add_timer(detail::TimerNode* node, time_point when) { timers_.push(node, when); }
+    void remove_timer(detail::TimerNode* node) noexcept { timers_.remove(node); }
+    [[nodiscard]] std::size_t timer_count() const noexcept { return timers_.size(); }
+
+    /// The task being resumed right now (nullptr inside a plain callback).
+    [[nodiscard]] detail::TaskState* current_task() const noexcept { return current_task_; }
+
+    /// Starts `body` as a new task (scheduled, not yet run). `on_done(owner, task)` is called
+    /// on the loop when it ends; the TaskState lives in the task's own frame.
+    detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
+                             void* owner = nullptr) {
+        detail::RootCoroutine root = detail::root_coroutine(std::move(body));
+        detail::TaskState& task = root.handle.promise();
+        task.loop_ = this;
+        task.frame_ = root.handle;
+        task.resume_point_ = root.handle;
+        task.on_done_ = on_done;
+        task.owner_ = owner;
+        live_tasks_.push_back(task);
+        schedule(&task);
+        return task;
+    }
+
+    /// The loop's instance of `Service` (created on first use, destroyed with the loop).
+    template <class Service>
+    Service& service() {
+        const void* key = &detail::service_key<Service>;
+        for (auto& entry : services_) {
+            if (entry.key == key) return static_cast<Service&>(*entry.service);
+        }
+        auto created = std::make_unique<Service>(*this);
+        Service& result = *created;
+        services_.push_back({key, std::move(created)});
+        return result;
+    }
+
+    /// Runs loop iterations until `done()` holds (loop thread; used during shutdown).
+    template <class Predicate>
+    void run_until(Predicate&& done) {
+        while (!done()) run_once();
+    }
+
+    /// Work handed to another thread whose completion will come back through the inbox: while
+    /// any is outstanding, the loop spins briefly before parking (a completion is imminent).
+    void remote_work_started() noexcept { ++remote_in_flight_; }
+    void remote_work_finished() noexcept { --remote_in_flight_; }
+
+    [[nodiscard]] detail::Poller& poller() noexcept { return poller_; }
+    [[nodiscard]] detail::LoopShared& shared() noexcept { return *shared_; }
+
+    /// Throws std::logic_error unless called on this loop's thread (or before it runs).
+    void require_loop_thread(const char* what) const {
+        if (running_ && detail::current_loop != this) {
+            throw std::logic_error(std::string("anyio::EventLoop::") + what +
+                                   " must be called on the loop's own thread; from other "
+                                   "threads use call_soon_threadsafe or a LoopToken");
+        }
+    }
+
+private:
+    friend void detail::run_task(detail::Runnable*, bool);
+
+    struct ServiceEntry {
+        const void* key;
+        std::unique_ptr<detail::LoopService> service;
+    };
+
+    // How long the loop spins for an imminent completion before it parks: about the cost of
+    // waking a parked thread on another vCPU (BENCH.md), so spinning never costs more than
+    // the wake-up it saves.
+    static constexpr std::chrono::microseconds spin_budget{50};
+
+    void run_once();
+    void fire_due_timers(time_point now);
+    void park(time_point now);
+    void shutdown() noexcept;
+    void close_without_running() noexcept;
+    void report_callback_error(std::exception_ptr error) noexcept {
+        if (!callback_error_) callback_error_ = std::move(error);
+    }
+    void run_node(detail::Runnable* node) noexcept {
+        try {
+            node->invoke_(node, true);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+    }
+
+    Options options_;
+    std::shared_ptr<detail::LoopShared> shared_;
+    detail::Poller poller_;
+    detail::RunQueue ready_;
+    detail::TimerHeap timers_;
+    detail::IntrusiveList<detail::TaskState, detail::LiveTasksTag> live_tasks_;
+    std::vector<ServiceEntry> services_;
+    detail::TaskState* current_task_ = nullptr;
+    std::int64_t remote_in_flight_ = 0;
+    std::exception_ptr callback_error_;
+    bool running_ = false;
+    bool finished_ = false;
+};
+
+namespace detail {
+
+inline void run_task(Runnable* self, bool run) {
+    if (!run) return;  // the loop is shutting down; the frame is destroyed separately
+    auto* task = static_cast<TaskState*>(self);
+    EventLoop* loop = task->loop_;
+    loop->current_task_ = task;
+    resume_chain(task->resume_point_);  // may end the task and free `task`
+    loop->current_task_ = nullptr;
+}
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+inline std::timespec to_timespec(std::chrono::steady_clock::duration d) noexcept {
+    if (d < d.zero()) d = d.zero();
+    auto seconds = std::chrono::duration_cast<std::chrono::seconds>(d);
+    std::timespec ts{};
+    ts.tv_sec = static_cast<std::time_t>(seconds.count());
+    ts.tv_nsec = static_cast<long>(std::chrono::nanoseconds(d - seconds).count());
+    return ts;
+}
+
+template <class T>
+Task<void> deliver_result(Task<T> task, Result<T>* out) {
+    if constexpr (std::is_void_v<T>) {
+        co_await std::move(task);
+        out->set_value();
+    } else if constexpr (std::is_reference_v<T>) {
+        T value = co_await std::move(task);
+        out->set_value(value);
+    } else {
+        out->set_value(co_await std::move(task));
+    }
+}
+
+/// The error thrown by loop primitives used on a thread with no running loop.
+inline EventLoop& running_loop(const char* what) {
+    EventLoop* loop = EventLoop::current();
+    if (loop == nullptr) {
+        throw NoEventLoopError(std::string("anyio::") + what +
+                               ": no event loop is running on this thread; call it from a "
+                               "coroutine run by anyio::run (other threads: use a LoopToken "
+                               "or a BlockingPortal)");
+    }
+    return *loop;
+}
+
+}  // namespace detail
+
+template <class T>
+T EventLoop::run(Task<T> main) {
+    if (detail::current_loop != nullptr) {
+        throw std::logic_error(
+            "anyio::run: this thread is already running an event loop; inside it, co_await "
+            "the task instead (other threads: use a BlockingPortal or from_thread)");
+    }
+    if (running_ || finished_) {
+        throw std::logic_error("anyio::EventLoop::run: an EventLoop runs once; create a new one");
+    }
+    struct MainState {
+        detail::Result<T> result;
+        bool done = false;
+    } state;
+    detail::current_loop = this;
+    running_ = true;
+    spawn(detail::deliver_result<T>(std::move(main), &state.result),
+          [](void* owner, detail::TaskState& task) {
+              auto* main_state = static_cast<MainState*>(owner);
+              if (task.error_) main_state->result.set_exception(task.error_);
+              main_state->done = true;
+          },
+          &state);
+    run_until([&] { return state.done; });
+    shutdown();
+    if (callback_error_ && !state.result.has_exception()) std::rethrow_exception(callback_error_);
+    return state.result.take();
+}
+
+inline void EventLoop::run_once() {
+    // Sleep first when there is nothing to do, so the caller's predicate is checked after
+    // every batch of work and before any wait.
+    if (ready_.empty() && !shared_->has_posts()) park(clock::now());
+    // Remote completions first: they return workers and tokens, which the ready tasks want.
+    if (auto chain = shared_->take_all(); chain.first != nullptr) {
+        for (detail::Runnable* node = chain.first; node != nullptr;) {
+            detail::Runnable* next = node->next_;  // read first: running may free the node
+            run_node(node);
+            node = next;
+        }
+    }
+    time_point now = clock::now();
+    fire_due_timers(now);
+    if (poller_.has_waiters() && !ready_.empty()) {
+        std::timespec zero{};
+        if (poller_.wait(&zero)) shared_->drain_event_fd();
+    }
+    // Run what is ready now; what these schedule runs on the next turn, after I/O and timers.
+    detail::RunQueue batch = std::exchange(ready_, detail::RunQueue{});
+    while (detail::Runnable* node = batch.pop()) run_node(node);
+}
+
+inline void EventLoop::fire_due_timers(time_point now) {
+    while (detail::TimerNode* timer = timers_.top()) {
+        if (timer->when_ > now) break;
+        timers_.remove(timer);
+        try {
+            timer->fire_(timer, true);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+    }
+    timers_.shrink_if_sparse();
+}
+
+inline void EventLoop::park(time_point now) {
+    std::optional<time_point> wake_at;
+    if (detail::TimerNode* timer = timers_.top()) {
+        if (timer->when_ <= now) return;
+        wake_at = timer->when_;
+    }
+    if (remote_in_flight_ > 0) {
+        // A worker is about to post a completion: waking a parked loop costs tens of
+        // microseconds on a VM, a short bounded spin costs less. Never past the next timer.
+        time_point spin_until = now + spin_budget;
+        if (wake_at && *wake_at < spin_until) spin_until = *wake_at;
+        for (unsigned i = 1;; ++i) {
+            if (shared_->has_posts()) return;
+            if ((i & 63) == 0 && clock::now() >= spin_until) break;
+            detail::cpu_relax();
+        }
+        now = clock::now();
+        if (wake_at && *wake_at <= now) return;
+    }
+    std::timespec timeout{};
+    std::timespec* timeout_ptr = nullptr;
+    if (wake_at) {
+        timeout = detail::to_timespec(*wake_at - now);
+        timeout_ptr = &timeout;
+    }
+    if (poller_.has_waiters()) {
+        if (!shared_->prepare_to_park(detail::LoopShared::parked_in_poller)) return;
+        bool woken = poller_.wait(timeout_ptr);
+        shared_->unparked();
+        if (woken) shared_->drain_event_fd();
+    } else {
+        if (!shared_->prepare_to_park(detail::LoopShared::parked_on_futex)) return;
+        shared_->park_on_futex(timeout_ptr);
+    }
+}
+
+inline void EventLoop::shutdown() noexcept {
+    // 1. Services (the worker pool) stop while completions can still be processed.
+    for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
+        try {
+            it->service->shutdown(*this);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+    }
+    close_without_running();
+}
+
+inline void EventLoop::close_without_running() noexcept {
+    // 2. Close the inbox: later posts fail with RunFinishedError; fail what is left in it.
+    auto chain = shared_->close();
+    for (detail::Runnable* node = chain.first; node != nullptr;) {
+        detail::Runnable* next = node->next_;
+        node->invoke_(node, false);
+        node = next;
+    }
+    // 3. Drop what is still scheduled (before the frames it may point into go away).
+    while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
+    // 4. Destroy the frames of tasks still alive, newest first: a child task is always newer
+    //    than the task hosting its group or scope, so nothing points into a freed frame.
+    std::vector<detail::TaskState*> pinned;
+    while (detail::TaskState* task = live_tasks_.pop_back()) {
+        if (task->pinned_) {
+            pinned.push_back(task);  // a detached worker may still write into it: leak it
+            continue;
+        }
+        task->frame_.destroy();
+    }
+    // 5. Services go last (tasks may have been linked into them, e.g. a limiter's queue).
+    while (!services_.empty()) services_.pop_back();
+    // 6. Timers nobody owns any more (call_at nodes) are freed unfired.
+    while (detail::TimerNode* timer = timers_.top()) {
+        timers_.remove(timer);
+        timer->fire_(timer, false);
+    }
+    // Dropped again in case disposing queued nodes scheduled more.
+    while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
+    running_ = false;
+    finished_ = true;
+    if (detail::current_loop == this) detail::current_loop = nullptr;
+}
+
+/// Runs `main` on a new event loop on this thread and returns its value or rethrows its
+/// exception. Throws std::logic_error if this thread already runs a loop.
+template <class T>
+T run(Task<T> main, const EventLoop::Options& options = {}) {
+    if (EventLoop::current() != nullptr) {
+        throw std::logic_error(
+            "anyio::run: this thread is already running an event loop; inside it, co_await "
+            "the task instead (other threads: use a BlockingPortal or from_thread)");
+    }
+    EventLoop loop(options);
+    return loop.run(std::move(main));
+}
+
+/// `run(fn, args...)`: runs the task `fn(args...)` returns.
+template <class F, class... Args>
+    requires returns_task<F, Args...>
+auto run(F&& fn, Args&&... args) {
+    return run(std::invoke(std::forward<F>(fn), std::forward<Args>(args)...));
+}
+
+namespace lowlevel {
+/// A token for the loop running on this thread (throws NoEventLoopError if none).
+inline LoopToken current_token() { return detail::running_loop("lowlevel::current_token").token(); }
+}  // namespace lowlevel
+
+}  // namespace anyio
