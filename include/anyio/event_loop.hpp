@@ -167,6 +167,9 @@ public:
     /// Low-level: posts an intrusive node; false if the loop has finished.
     bool post(detail::Runnable* node) const noexcept { return shared_ && shared_->post(node); }
     [[nodiscard]] detail::LoopShared* shared() const noexcept { return shared_.get(); }
+    [[nodiscard]] const std::shared_ptr<detail::LoopShared>& shared_state() const noexcept {
+        return shared_;
+    }
 
 private:
     friend class EventLoop;

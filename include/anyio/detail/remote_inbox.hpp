@@ -55,12 +55,14 @@ public:
         // seq_cst (not release) on the CAS: it pairs with the loop's seq_cst store of
         // park_state_ followed by its load of head_ (a Dekker pattern), so either the loop
         // sees this node before sleeping or we see it parked and wake it.
-        Runnable* head = head_.load(std::memory_order_relaxed);  // a hint; the CAS validates
+        // acquire on the loads: a poster that finds the inbox closed also sees everything the
+        // loop did before closing it (e.g. marking a detached worker's job as orphaned).
+        Runnable* head = head_.load(std::memory_order_acquire);
         do {
             if (head == closed_marker()) return false;
             node->next_ = head;
         } while (!head_.compare_exchange_weak(head, node, std::memory_order_seq_cst,
-                                              std::memory_order_relaxed));
+                                              std::memory_order_acquire));
         // seq_cst: the other half of the Dekker pattern above.
         if (park_state_.load(std::memory_order_seq_cst) != running) wake();
         return true;

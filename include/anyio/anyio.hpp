@@ -1,0 +1,12 @@
+// anyio-cpp: the umbrella header. Brings in the whole core (fmt formatters are opt-in:
+// <anyio/fmt.hpp>).
+#pragma once
+
+#include "cancel_scope.hpp"
+#include "capacity_limiter.hpp"
+#include "errors.hpp"
+#include "event.hpp"
+#include "event_loop.hpp"
+#include "task.hpp"
+#include "task_group.hpp"
+#include "to_thread.hpp"

@@ -1,0 +1,309 @@
+// anyio-cpp: CapacityLimiter.
+#pragma once
+
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "cancel_scope.hpp"
+#include "detail/intrusive_list.hpp"
+#include "detail/wait.hpp"
+#include "errors.hpp"
+#include "event_loop.hpp"
+
+namespace anyio {
+
+/// No bound: a limiter with this many tokens never makes anyone wait.
+inline constexpr std::int64_t infinite_tokens = std::numeric_limits<std::int64_t>::max();
+
+struct CapacityLimiterStatistics {
+    std::int64_t borrowed_tokens = 0;
+    std::int64_t total_tokens = 0;
+    std::vector<const void*> borrowers;  // who holds a token now (tasks, per-call borrowers...)
+    std::size_t tasks_waiting = 0;
+};
+
+class CapacityLimiter;
+
+namespace detail {
+struct LimiterQueueTag {};
+struct LimiterHoldTag {};
+
+/// A token held by an internal, per-call borrower (a run_sync job): the node itself is the
+/// borrower, so taking and returning it is O(1) and allocates nothing.
+struct LimiterHold : ListHook<LimiterHoldTag> {
+    CapacityLimiter* limiter = nullptr;  // set while holding; cleared if the limiter dies first
+};
+
+/// Someone queued for a token. `granted` runs on the loop when the token is handed over.
+struct LimiterWaiter : ListHook<LimiterQueueTag> {
+    using Granted = void (*)(LimiterWaiter* self);
+    explicit LimiterWaiter(Granted granted) noexcept : granted_(granted) {}
+    const void* borrower_ = nullptr;  // a user borrower, or nullptr when hold_ is used
+    LimiterHold* hold_ = nullptr;
+    Granted granted_;
+};
+}  // namespace detail
+
+/// Bounds how many borrowers hold one of its tokens at once (anyio.CapacityLimiter).
+/// Waiters are served first in, first out; a released token is handed straight to the first
+/// waiter (reserved for it, so a nowait acquire in the same loop turn cannot take it).
+///
+/// Loop-thread only, like anyio's. The wait queue is intrusive (nodes in the waiting frames):
+/// acquire, release and cancelling a waiter are O(1) and allocate nothing; user borrowers
+/// (the task, or any `const void*`) are tracked in a hash set. acquire() is a cancellation
+/// point; a cancelled waiter leaves the queue and takes no token. Destroying the limiter
+/// while tokens are held by abandoned run_sync calls is safe (they forget it).
+class CapacityLimiter {
+    class AcquireAwaiter;
+    class ScopedAwaiter;
+
+public:
+    explicit CapacityLimiter(std::int64_t total_tokens) : total_(validated(total_tokens)) {}
+    CapacityLimiter(const CapacityLimiter&) = delete;
+    CapacityLimiter& operator=(const CapacityLimiter&) = delete;
+    ~CapacityLimiter() {
+        while (waiters_.pop_front() != nullptr) {
+        }
+        while (detail::LimiterHold* hold = holds_.pop_front()) hold->limiter = nullptr;
+    }
+
+    [[nodiscard]] std::int64_t total_tokens() const noexcept { return total_; }
+    [[nodiscard]] std::int64_t borrowed_tokens() const noexcept { return borrowed_; }
+    [[nodiscard]] std::int64_t available_tokens() const noexcept {
+        return total_ > borrowed_ ? total_ - borrowed_ : 0;
+    }
+
+    /// Changes the total. Raising it wakes at once min(waiters, total - borrowed) waiters;
+    /// lowering it never takes tokens back, it takes effect as they are released.
+    void set_total_tokens(std::int64_t total_tokens) {
+        total_ = validated(total_tokens);
+        hand_over();
+    }
+
+    /// Waits for a token on behalf of the current task (a cancellation point).
+    [[nodiscard]] AcquireAwaiter acquire() noexcept { return AcquireAwaiter{*this, nullptr}; }
+    /// Waits for a token on behalf of `borrower`.
+    [[nodiscard]] AcquireAwaiter acquire_on_behalf_of(const void* borrower) noexcept {
+        return AcquireAwaiter{*this, borrower};
+    }
+
+    /// Takes a token for the current task now, or throws WouldBlock.
+    void acquire_nowait() { acquire_on_behalf_of_nowait(current_borrower("acquire_nowait")); }
+    void acquire_on_behalf_of_nowait(const void* borrower) {
+        if (!try_acquire_on_behalf_of(borrower)) {
+            throw WouldBlock("anyio::CapacityLimiter: no token is available right now (" +
+                             std::to_string(borrowed_) + " of " + std::to_string(total_) +
+                             " borrowed); co_await acquire() to wait for one");
+        }
+    }
+    /// Takes a token now if one is free; false otherwise.
+    bool try_acquire() { return try_acquire_on_behalf_of(current_borrower("try_acquire")); }
+    bool try_acquire_on_behalf_of(const void* borrower) {
+        require_not_holding(borrower);
+        if (!waiters_.empty() || borrowed_ >= total_) return false;
+        take_for(borrower);
+        return true;
+    }
+
+    /// Returns the current task's token (handing it to the first waiter, if any).
+    void release() { release_on_behalf_of(current_borrower("release")); }
+    void release_on_behalf_of(const void* borrower) {
+        if (borrowers_.erase(borrower) == 0) {
+            throw std::runtime_error(
+                "anyio::CapacityLimiter: this borrower does not hold any of this "
+                "CapacityLimiter's tokens; release only what was acquired");
+        }
+        --borrowed_;
+        hand_over();
+    }
+
+    /// `auto guard = co_await limiter.scoped();` holds a token until `guard` is destroyed.
+    class Guard {
+    public:
+        Guard(Guard&& other) noexcept
+            : limiter_(std::exchange(other.limiter_, nullptr)), borrower_(other.borrower_) {}
+        Guard& operator=(Guard&&) = delete;
+        ~Guard() {
+            if (limiter_ != nullptr) limiter_->release_on_behalf_of(borrower_);
+        }
+
+    private:
+        friend class ScopedAwaiter;
+        Guard(CapacityLimiter* limiter, const void* borrower) noexcept
+            : limiter_(limiter), borrower_(borrower) {}
+        CapacityLimiter* limiter_;
+        const void* borrower_;
+    };
+    [[nodiscard]] ScopedAwaiter scoped() noexcept { return ScopedAwaiter{*this}; }
+
+    [[nodiscard]] CapacityLimiterStatistics statistics() const {
+        CapacityLimiterStatistics stats;
+        stats.borrowed_tokens = borrowed_;
+        stats.total_tokens = total_;
+        stats.borrowers.assign(borrowers_.begin(), borrowers_.end());
+        const_cast<CapacityLimiter*>(this)->holds_.for_each(
+            [&](detail::LimiterHold& hold) { stats.borrowers.push_back(&hold); });
+        stats.tasks_waiting = waiting_;
+        return stats;
+    }
+
+    // ---- Low-level, for to_thread's per-call borrowers ----
+
+    /// Takes a token for `hold` if one is free and nobody waits.
+    bool try_acquire_hold(detail::LimiterHold& hold) noexcept {
+        if (!waiters_.empty() || borrowed_ >= total_) return false;
+        take_for(hold);
+        return true;
+    }
+    /// Queues `waiter` (its hold_ or borrower_ set) until a token is handed to it.
+    void enqueue(detail::LimiterWaiter& waiter) {
+        if (waiter.hold_ == nullptr) require_not_holding(waiter.borrower_);
+        waiters_.push_back(waiter);
+        ++waiting_;
+    }
+    /// Removes a waiter that gives up (cancellation); O(1).
+    void dequeue(detail::LimiterWaiter& waiter) noexcept {
+        if (waiter.ListHook<detail::LimiterQueueTag>::linked()) {
+            waiter.ListHook<detail::LimiterQueueTag>::unlink();
+            --waiting_;
+        }
+    }
+    /// Returns the token of `hold` (no-op if it holds none or the limiter is gone).
+    static void release_hold(detail::LimiterHold& hold) noexcept {
+        CapacityLimiter* limiter = hold.limiter;
+        if (limiter == nullptr) return;
+        hold.unlink();
+        hold.limiter = nullptr;
+        --limiter->borrowed_;
+        limiter->hand_over();
+    }
+    /// Forgets `hold` without handing its token on (the loop is going away).
+    static void forget_hold(detail::LimiterHold& hold) noexcept {
+        if (hold.limiter == nullptr) return;
+        hold.unlink();
+        --hold.limiter->borrowed_;
+        hold.limiter = nullptr;
+    }
+
+private:
+    static std::int64_t validated(std::int64_t total) {
+        if (total < 0) throw std::invalid_argument("total_tokens must be >= 0");
+        return total;
+    }
+
+    static const void* current_borrower(const char* what) {
+        return &CancelScope::current_task(what);
+    }
+
+    void require_not_holding(const void* borrower) const {
+        if (borrowers_.count(borrower) != 0) {
+            throw std::runtime_error(
+                "anyio::CapacityLimiter: this borrower is already holding one of this "
+                "CapacityLimiter's tokens; release it before acquiring again");
+        }
+    }
+
+    void take_for(const void* borrower) {
+        borrowers_.insert(borrower);
+        ++borrowed_;
+    }
+    void take_for(detail::LimiterHold& hold) noexcept {
+        hold.limiter = this;
+        holds_.push_back(hold);
+        ++borrowed_;
+    }
+
+    /// Hands free tokens to waiters, first come first served, reserving each token for its
+    /// waiter before it runs (anyio#1170: no overtaking by a nowait acquire).
+    void hand_over() {
+        while (borrowed_ < total_) {
+            detail::LimiterWaiter* waiter = waiters_.pop_front();
+            if (waiter == nullptr) return;
+            --waiting_;
+            if (waiter->hold_ != nullptr) {
+                take_for(*waiter->hold_);
+            } else {
+                take_for(waiter->borrower_);
+            }
+            waiter->granted_(waiter);
+        }
+    }
+
+    class AcquireAwaiter final : public detail::CancellableWait<AcquireAwaiter>,
+                                 public detail::LimiterWaiter {
+    public:
+        AcquireAwaiter(CapacityLimiter& limiter, const void* borrower) noexcept
+            : LimiterWaiter(&on_granted), limiter_(&limiter) {
+            borrower_ = borrower;
+        }
+        AcquireAwaiter(const AcquireAwaiter&) = delete;
+        AcquireAwaiter& operator=(const AcquireAwaiter&) = delete;
+        ~AcquireAwaiter() { limiter_->dequeue(*this); }
+
+        bool await_ready() const noexcept { return false; }
+        bool await_suspend(std::coroutine_handle<> handle) {
+            if (!begin("CapacityLimiter::acquire", handle)) return false;
+            if (borrower_ == nullptr) borrower_ = task_;
+            if (limiter_->try_acquire_on_behalf_of(borrower_)) {
+                wake();  // acquired at once: still yield once (anyio's shielded checkpoint)
+                return true;
+            }
+            limiter_->enqueue(*this);
+            park();
+            return true;
+        }
+        void await_resume() {
+            throw_if_cancelled();
+            if (granted_after_wait_ && detail::is_cancelled(*task_)) {
+                // Cancelled in the turn the token arrived: pass it on and report the
+                // cancellation (anyio does the same).
+                limiter_->release_on_behalf_of(borrower_);
+                throw Cancelled{};
+            }
+        }
+        void abort() noexcept { limiter_->dequeue(*this); }
+        [[nodiscard]] const void* borrower() const noexcept { return borrower_; }
+
+    private:
+        static void on_granted(LimiterWaiter* self) {
+            auto* awaiter = static_cast<AcquireAwaiter*>(self);
+            awaiter->granted_after_wait_ = true;
+            awaiter->wake();
+        }
+        CapacityLimiter* limiter_;
+        bool granted_after_wait_ = false;
+    };
+
+    class ScopedAwaiter {
+    public:
+        explicit ScopedAwaiter(CapacityLimiter& limiter) noexcept
+            : acquire_(limiter, nullptr), limiter_(&limiter) {}
+        bool await_ready() const noexcept { return false; }
+        bool await_suspend(std::coroutine_handle<> handle) {
+            return acquire_.await_suspend(handle);
+        }
+        Guard await_resume() {
+            acquire_.await_resume();
+            return Guard{limiter_, acquire_.borrower()};
+        }
+
+    private:
+        AcquireAwaiter acquire_;
+        CapacityLimiter* limiter_;
+    };
+
+    detail::IntrusiveList<detail::LimiterWaiter, detail::LimiterQueueTag> waiters_;
+    detail::IntrusiveList<detail::LimiterHold, detail::LimiterHoldTag> holds_;
+    std::unordered_set<const void*> borrowers_;
+    std::int64_t total_;
+    std::int64_t borrowed_ = 0;
+    std::size_t waiting_ = 0;
+};
+
+}  // namespace anyio

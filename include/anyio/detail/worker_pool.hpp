@@ -1,0 +1,219 @@
+// The loop's pool of worker threads (the loop side; see worker_thread.hpp for the thread).
+//
+// Semantics (anyio's WorkerThread pool, with trio's idle reaping):
+// - a thread is started only when no idle one exists, so threads started == peak concurrency;
+// - the most recently idle worker is reused first (LIFO), so sequential calls use one thread;
+// - a worker goes back to the idle list on the loop, before the awaiting task resumes;
+// - workers idle for max_idle_time or longer are stopped oldest first, at each dispatch and
+//   also by a loop timer when there is no traffic;
+// - leaving run() stops and joins every worker after its current job, or detaches the ones
+//   still busy after shutdown_timeout (their late completions are dropped safely).
+// Loop-thread only.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "../capacity_limiter.hpp"
+#include "../event_loop.hpp"
+#include "intrusive_list.hpp"
+#include "timer_heap.hpp"
+#include "worker_thread.hpp"
+
+namespace anyio {
+
+/// to_thread::statistics() of a loop's worker pool.
+struct WorkerPoolStatistics {
+    std::size_t workers = 0;       // threads alive now
+    std::size_t idle_workers = 0;
+    std::size_t busy_workers = 0;
+    std::uint64_t threads_created = 0;
+    std::uint64_t threads_pruned = 0;  // stopped for being idle too long
+    std::uint64_t jobs_completed = 0;
+};
+
+namespace detail {
+
+class WorkerPool {
+public:
+    explicit WorkerPool(EventLoop& loop)
+        : loop_(&loop), shared_(std::make_shared<PoolShared>()), reaper_(this) {
+        const LoopOptions& options = loop.options();
+        shared_->loop = loop.token().shared_state();
+        shared_->thread_name = options.thread_name;
+        shared_->on_thread_start = options.on_thread_start;
+        shared_->on_thread_stop = options.on_thread_stop;
+        max_idle_time_ = options.max_idle_time;
+        shutdown_timeout_ = options.shutdown_timeout;
+    }
+    WorkerPool(const WorkerPool&) = delete;
+    WorkerPool& operator=(const WorkerPool&) = delete;
+    ~WorkerPool() {
+        loop_->remove_timer(&reaper_);
+        // shutdown() ran before; anything left here is stopped and joined now.
+        while (WorkerThread* worker = idle_.pop_front()) retire(worker);
+    }
+
+    /// Runs `job` on an idle worker, or on a new one. Throws std::system_error if a thread
+    /// cannot be started (the pool stays usable).
+    void dispatch(JobBase& job) {
+        auto now = std::chrono::steady_clock::now();
+        prune(now);
+        WorkerThread* worker = idle_.pop_front();
+        if (worker != nullptr) {
+            --idle_count_;
+        } else {
+            worker = start_worker();
+        }
+        busy_.push_back(*worker);
+        ++busy_count_;
+        job.pool_ = this;
+        job.worker_ = worker;
+        loop_->remote_work_started();
+        worker->give(&job);
+    }
+
+    /// The job's completion reached the loop: its worker is idle again (most recent first).
+    void completed(JobBase& job) noexcept {
+        WorkerThread* worker = job.worker_;
+        worker->ListHook<BusyWorkersTag>::unlink();
+        --busy_count_;
+        ++jobs_completed_;
+        loop_->remote_work_finished();
+        if (shutting_down_) {
+            retire(worker);
+            return;
+        }
+        worker->idle_since_ = std::chrono::steady_clock::now();
+        idle_.push_front(*worker);
+        ++idle_count_;
+        if (!reaper_.queued()) loop_->add_timer(&reaper_, worker->idle_since_ + max_idle_time_);
+    }
+
+    void shutdown() {
+        shutting_down_ = true;
+        loop_->remove_timer(&reaper_);
+        while (WorkerThread* worker = idle_.pop_front()) {
+            --idle_count_;
+            retire(worker);
+        }
+        if (busy_count_ == 0) return;
+        struct Timeout final : TimerNode {
+            Timeout() noexcept : TimerNode(&fire) {}
+            static void fire(TimerNode* self, bool) { static_cast<Timeout*>(self)->expired = true; }
+            bool expired = false;
+        } timeout;
+        if (shutdown_timeout_) {
+            loop_->add_timer(&timeout, deadline_after(loop_->time(), *shutdown_timeout_));
+        }
+        loop_->run_until([&] { return busy_count_ == 0 || timeout.expired; });
+        loop_->remove_timer(&timeout);
+        while (WorkerThread* worker = busy_.pop_front()) {
+            --busy_count_;
+            abandon_worker(*worker);
+        }
+    }
+
+    [[nodiscard]] WorkerPoolStatistics statistics() const noexcept {
+        WorkerPoolStatistics stats;
+        stats.idle_workers = idle_count_;
+        stats.busy_workers = busy_count_;
+        stats.workers = idle_count_ + busy_count_;
+        stats.threads_created = threads_created_;
+        stats.threads_pruned = threads_pruned_;
+        stats.jobs_completed = jobs_completed_;
+        return stats;
+    }
+
+private:
+    struct Reaper final : TimerNode {
+        explicit Reaper(WorkerPool* pool) noexcept : TimerNode(&fire), pool(pool) {}
+        static void fire(TimerNode* self, bool run) {
+            if (!run) return;
+            WorkerPool* pool = static_cast<Reaper*>(self)->pool;
+            pool->prune(std::chrono::steady_clock::now());
+            if (WorkerThread* oldest = pool->idle_.back()) {
+                pool->loop_->add_timer(self, oldest->idle_since_ + pool->max_idle_time_);
+            }
+        }
+        WorkerPool* pool;
+    };
+
+    WorkerThread* start_worker() {
+        auto worker = std::make_unique<WorkerThread>(shared_);
+        worker->start();  // throws std::system_error; nothing changed yet
+        ++threads_created_;
+        return worker.release();
+    }
+
+    /// Stops idle workers past max_idle_time, oldest (the back of the LIFO list) first.
+    void prune(std::chrono::steady_clock::time_point now) {
+        while (WorkerThread* oldest = idle_.back()) {
+            if (now - oldest->idle_since_ < max_idle_time_) break;
+            oldest->ListHook<IdleWorkersTag>::unlink();
+            --idle_count_;
+            ++threads_pruned_;
+            retire(oldest);
+        }
+    }
+
+    /// Stops an idle worker and joins it (it exits at once: it has no job).
+    static void retire(WorkerThread* worker) noexcept {
+        worker->request_stop();
+        worker->join();
+        delete worker;
+    }
+
+    /// Shutdown timed out while `worker` still runs a job: forget the job on the loop side,
+    /// keep whatever the worker may still write into alive, and let the thread go.
+    void abandon_worker(WorkerThread& worker) noexcept {
+        JobBase* job = worker.job();
+        job->orphaned_ = true;
+        CapacityLimiter::forget_hold(job->hold_);
+        loop_->remote_work_finished();
+        // A job in a coroutine frame: the frame must outlive the worker, so it is leaked.
+        if (job->destroy_ == nullptr && job->host_ != nullptr) job->host_->pinned_ = true;
+        worker.request_stop();
+        if (!worker.detach()) delete &worker;  // it finished in the meantime
+    }
+
+    EventLoop* loop_;
+    std::shared_ptr<PoolShared> shared_;
+    IntrusiveList<WorkerThread, IdleWorkersTag> idle_;  // front: most recently idle
+    IntrusiveList<WorkerThread, BusyWorkersTag> busy_;
+    Reaper reaper_;
+    std::chrono::steady_clock::duration max_idle_time_{};
+    std::optional<std::chrono::steady_clock::duration> shutdown_timeout_;
+    std::size_t idle_count_ = 0;
+    std::size_t busy_count_ = 0;
+    std::uint64_t threads_created_ = 0;
+    std::uint64_t threads_pruned_ = 0;
+    std::uint64_t jobs_completed_ = 0;
+    bool shutting_down_ = false;
+};
+
+/// The completion of a job, on the loop (or its disposal when the loop is gone).
+inline void complete_job(Runnable* self, bool run) {
+    auto* job = static_cast<JobBase*>(self);
+    if (!run || job->orphaned_) {
+        // Nobody waits any more (abandoned, or the loop detached the worker): free heap jobs.
+        // (An orphaned job's token was already forgotten on the loop, so on a worker thread
+        // this touches nothing of the loop's.)
+        CapacityLimiter::forget_hold(job->hold_);
+        if (job->destroy_ != nullptr && (job->abandoned_ || job->orphaned_)) job->destroy_(job);
+        return;
+    }
+    job->pool_->completed(*job);               // 1. the worker is idle again (LIFO)
+    CapacityLimiter::release_hold(job->hold_);  // 2. the token goes to the next waiter
+    if (job->abandoned_) {
+        job->destroy_(job);  // the caller left long ago; its result is dropped
+        return;
+    }
+    job->host_->loop_->schedule_task(*job->host_, job->resume_);  // 3. the caller resumes
+}
+
+}  // namespace detail
+}  // namespace anyio

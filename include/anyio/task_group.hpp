@@ -1,0 +1,162 @@
+// anyio-cpp: TaskGroup and task_group(), structured concurrency.
+#pragma once
+
+#include <concepts>
+#include <coroutine>
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cancel_scope.hpp"
+#include "errors.hpp"
+#include "event_loop.hpp"
+#include "task.hpp"
+
+namespace anyio {
+
+class TaskGroup;
+
+template <class F>
+concept task_group_body = std::invocable<F&, TaskGroup&> &&
+                          detail::is_task_v<std::invoke_result_t<F&, TaskGroup&>>;
+
+template <class F>
+    requires task_group_body<F>
+Task<void> task_group(F body);
+
+/// A nursery (trio) / task group (anyio): children started with start_soon run
+/// concurrently; the group's task_group() call returns only when all of them have finished.
+/// A child that fails cancels its siblings and the body; the group then rethrows that error
+/// (several: ExceptionGroup). Cancelled children do not count as errors.
+///
+/// Loop-thread only. Each child costs its own coroutine frames (one for the task's root,
+/// which also holds the loop's bookkeeping). Only task_group() creates a TaskGroup.
+class TaskGroup {
+public:
+    TaskGroup(const TaskGroup&) = delete;
+    TaskGroup& operator=(const TaskGroup&) = delete;
+
+    /// Starts `task` as a child (it first runs on the next loop turn).
+    void start_soon(Task<void> task) {
+        require_active();
+        detail::TaskState& child = loop_->spawn(std::move(task), &on_child_done, this);
+        scope_.adopt(child);
+        ++live_children_;
+    }
+
+    /// Starts `fn(args...)` as a child; `fn` and `args` are decay-copied into the child's
+    /// frame first, so a lambda's captures stay alive as long as the child runs.
+    template <class F, class... Args>
+        requires returns_task<std::decay_t<F>&, std::decay_t<Args>&...>
+    void start_soon(F&& fn, Args&&... args) {
+        start_soon(call_in_frame(std::decay_t<F>(std::forward<F>(fn)),
+                                 std::decay_t<Args>(std::forward<Args>(args))...));
+    }
+
+    /// The scope every child (and the body) runs in; cancel() it to cancel them all.
+    [[nodiscard]] CancelScope& cancel_scope() noexcept { return scope_; }
+
+private:
+    template <class F>
+        requires task_group_body<F>
+    friend Task<void> task_group(F body);
+
+    explicit TaskGroup(EventLoop& loop) noexcept : loop_(&loop) {}
+
+    template <class F, class... Args>
+    static Task<void> call_in_frame(F fn, Args... args) {
+        co_await std::invoke(fn, args...);
+    }
+
+    void require_active() const {
+        if (!active_) {
+            throw std::logic_error(
+                "anyio::TaskGroup::start_soon: the task group has already finished; start "
+                "children only while task_group() is running");
+        }
+    }
+
+    static void on_child_done(void* owner, detail::TaskState& child) {
+        auto* group = static_cast<TaskGroup*>(owner);
+        --group->live_children_;
+        if (child.outcome_ == detail::TaskState::Outcome::failed) {
+            group->errors_.push_back(child.error_);
+            group->scope_.cancel();
+        } else if (child.outcome_ == detail::TaskState::Outcome::cancelled) {
+            group->child_cancelled_ = true;
+        }
+        if (group->live_children_ == 0 && group->joining_) {
+            group->joining_ = false;
+            group->loop_->schedule_task(*group->host_, group->join_handle_);
+        }
+    }
+
+    /// Waits for the children. Not itself cancellable: cancellation of the host reaches the
+    /// children through the scope tree, and the host waits for them to finish unwinding.
+    struct JoinAwaiter {
+        TaskGroup* group;
+        bool await_ready() const noexcept { return group->live_children_ == 0; }
+        void await_suspend(std::coroutine_handle<> handle) noexcept {
+            group->joining_ = true;
+            group->join_handle_ = handle;
+            group->host_->wait_ = nullptr;
+            group->host_->resume_point_ = handle;
+        }
+        void await_resume() const noexcept {}
+    };
+
+    [[noreturn]] void rethrow_errors() {
+        if (errors_.size() == 1) std::rethrow_exception(errors_.front());
+        throw ExceptionGroup(std::move(errors_));
+    }
+
+    CancelScope scope_;
+    EventLoop* loop_;
+    detail::TaskState* host_ = nullptr;
+    std::vector<std::exception_ptr> errors_;
+    std::coroutine_handle<> join_handle_;
+    std::size_t live_children_ = 0;
+    bool active_ = false;
+    bool joining_ = false;
+    bool child_cancelled_ = false;
+};
+
+/// Runs `body(tg)` with a fresh task group and waits for every child it starts:
+///
+///     co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+///         tg.start_soon(child(1));
+///         tg.start_soon(child, 2);
+///         co_return;
+///     });
+template <class F>
+    requires task_group_body<F>
+Task<void> task_group(F body) {
+    detail::TaskState& host = CancelScope::current_task("task_group");
+    TaskGroup group(*host.loop_);
+    group.host_ = &host;
+    group.scope_.enter(host);
+    group.active_ = true;
+    bool body_cancelled = false;
+    try {
+        co_await std::invoke(body, group);
+    } catch (const Cancelled&) {
+        body_cancelled = true;
+    } catch (...) {
+        group.errors_.push_back(std::current_exception());
+        group.scope_.cancel();
+    }
+    co_await TaskGroup::JoinAwaiter{&group};
+    group.active_ = false;
+    group.scope_.exit(host);
+    if (!group.errors_.empty()) group.rethrow_errors();
+    // A cancellation that came from outside the group goes on to the scope that caused it.
+    if ((body_cancelled || group.child_cancelled_) && !group.scope_.cancel_called()) {
+        throw Cancelled{};
+    }
+}
+
+}  // namespace anyio
