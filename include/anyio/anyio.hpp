@@ -2,11 +2,14 @@
 // <anyio/fmt.hpp>).
 #pragma once
 
+#include "blocking_portal.hpp"
 #include "cancel_scope.hpp"
 #include "capacity_limiter.hpp"
 #include "errors.hpp"
 #include "event.hpp"
 #include "event_loop.hpp"
+#include "from_thread.hpp"
+#include "io.hpp"
 #include "task.hpp"
 #include "task_group.hpp"
 #include "to_thread.hpp"

@@ -139,6 +139,11 @@ public:
         attach_to(parent);
         arm_deadline();
     }
+    /// Ends a scope started with activate(): unlinks it and whatever is still attached.
+    void deactivate() noexcept {
+        active_ = false;
+        detach_all();
+    }
     /// Undoes activate() or cuts the scope loose from its parent (the parent is going away).
     void detach_from_parent() noexcept {
         if (detail::ListHook<detail::ScopeChildrenTag>::linked()) {

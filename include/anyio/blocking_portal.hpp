@@ -1,0 +1,211 @@
+// anyio-cpp: BlockingPortal: calling async code from plain threads.
+#pragma once
+
+#include <exception>
+#include <functional>
+#include <future>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "event.hpp"
+#include "event_loop.hpp"
+#include "from_thread.hpp"
+#include "task.hpp"
+#include "task_group.hpp"
+
+namespace anyio {
+
+/// An event loop running on a thread of its own, for code that is not async (a plain
+/// main(), a test, a callback from a C library) to call coroutines and loop code through.
+///
+///     auto portal = anyio::start_blocking_portal();
+///     int v = portal.call(async_fn, 1, 2);          // blocks; returns or rethrows
+///     std::future<int> f = portal.start_task_soon(async_fn, 3);
+///     portal.stop();                                 // also done by the destructor
+///
+/// Thread safety: call, start_task_soon and stop may be used from any number of threads at
+/// once, except the portal's own loop thread (std::logic_error: it would deadlock). Tasks
+/// run in one task group on the portal's loop. call() allocates nothing beyond the task's
+/// frames; start_task_soon() allocates one node (the arguments are copied into it). After
+/// stop(), every call throws RunFinishedError. stop() waits for running tasks; stop(true)
+/// cancels them first. The loop thread is named and joined by stop() or the destructor.
+class BlockingPortal {
+public:
+    BlockingPortal(BlockingPortal&&) noexcept = default;
+    BlockingPortal& operator=(BlockingPortal&& other) noexcept {
+        if (this != &other) {
+            stop_noexcept();
+            state_ = std::move(other.state_);
+        }
+        return *this;
+    }
+    ~BlockingPortal() { stop_noexcept(); }
+
+    /// Runs the coroutine `fn(args...)` (a callable returning a Task) as a task of the portal,
+    /// or the plain callable `fn(args...)` on the portal's loop thread; blocks until it
+    /// finishes, returns its value or rethrows.
+    template <class F, class... Args>
+    decltype(auto) call(F&& fn, Args&&... args) {
+        const LoopToken& token = running_token("call");
+        if constexpr (returns_task<F&, Args&...>) {
+            return from_thread::detail::call_async(
+                from_thread::detail::resolve(token, "BlockingPortal::call"), &state_->group, fn,
+                args...);
+        } else {
+            return from_thread::run_sync(token, fn, args...);
+        }
+    }
+
+    /// Starts the coroutine `fn(args...)` as a task of the portal and returns a future of its
+    /// result (which holds Cancelled if stop(true) cancelled it).
+    template <class F, class... Args>
+        requires returns_task<std::decay_t<F>&, std::decay_t<Args>&...>
+    auto start_task_soon(F&& fn, Args&&... args) {
+        using R = typename std::invoke_result_t<std::decay_t<F>&, std::decay_t<Args>&...>::value_type;
+        const LoopToken& token = running_token("start_task_soon");
+        from_thread::detail::resolve(token, "BlockingPortal::start_task_soon");
+        auto node = std::make_unique<SpawnNode<R, std::decay_t<F>, std::decay_t<Args>...>>(
+            state_.get(), std::forward<F>(fn), std::forward<Args>(args)...);
+        std::future<R> future = node->promise.get_future();
+        if (!token.post(node.get())) throw RunFinishedError();
+        node.release();  // the loop owns it now
+        return future;
+    }
+
+    /// Stops the portal: no new calls are accepted, running tasks are awaited (or cancelled
+    /// first when `cancel_remaining`), and the loop thread is joined. Idempotent.
+    void stop(bool cancel_remaining = false) {
+        if (!state_ || !state_->thread.joinable()) return;
+        if (std::this_thread::get_id() == state_->thread.get_id()) {
+            throw std::logic_error(
+                "anyio::BlockingPortal::stop: called from the portal's own loop thread, which "
+                "cannot wait for itself; stop it from another thread");
+        }
+        try {
+            from_thread::run_sync(state_->token, [state = state_.get(), cancel_remaining] {
+                state->group = nullptr;  // refuse new calls from now on
+                if (cancel_remaining && state->running_group != nullptr) {
+                    state->running_group->cancel_scope().cancel();
+                }
+                state->stop_requested.set();
+            });
+        } catch (const RunFinishedError&) {
+            // The loop already ended (e.g. a task crashed it): just join.
+        }
+        state_->thread.join();
+    }
+
+    /// A token of the portal's loop (for from_thread calls from other threads).
+    [[nodiscard]] LoopToken token() const { return state_ ? state_->token : LoopToken{}; }
+
+private:
+    friend BlockingPortal start_blocking_portal(EventLoop::Options options);
+
+    struct State {
+        LoopToken token;
+        TaskGroup* group = nullptr;          // loop side: accepting calls while non-null
+        TaskGroup* running_group = nullptr;  // loop side
+        Event stop_requested;                // loop side
+        std::thread thread;
+    };
+
+    template <class R, class F, class... Args>
+    struct SpawnNode final : detail::Runnable {
+        template <class Fn, class... As>
+        SpawnNode(State* state, Fn&& fn, As&&... args)
+            : Runnable(&invoke), state(state), fn(std::forward<Fn>(fn)),
+              args(std::forward<As>(args)...) {}
+
+        static void invoke(detail::Runnable* self, bool run) {
+            std::unique_ptr<SpawnNode> node(static_cast<SpawnNode*>(self));
+            if (!run || node->state->group == nullptr) {
+                node->promise.set_exception(std::make_exception_ptr(RunFinishedError()));
+                return;
+            }
+            try {
+                TaskGroup* group = node->state->group;
+                Task<R> task = std::apply(node->fn, node->args);
+                group->start_soon(run_task(std::move(task), std::move(node)));
+            } catch (...) {
+                if (node) node->promise.set_exception(std::current_exception());
+            }
+        }
+
+        static Task<void> run_task(Task<R> task, std::unique_ptr<SpawnNode> node) {
+            try {
+                if constexpr (std::is_void_v<R>) {
+                    co_await std::move(task);
+                    node->promise.set_value();
+                } else if constexpr (std::is_reference_v<R>) {
+                    R value = co_await std::move(task);
+                    node->promise.set_value(value);
+                } else {
+                    node->promise.set_value(co_await std::move(task));
+                }
+            } catch (...) {
+                node->promise.set_exception(std::current_exception());
+            }
+        }
+
+        State* state;
+        F fn;
+        std::tuple<Args...> args;
+        std::promise<R> promise;
+    };
+
+    explicit BlockingPortal(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}
+
+    const LoopToken& running_token(const char* what) const {
+        if (!state_ || !state_->thread.joinable() || state_->token.finished()) {
+            throw RunFinishedError(std::string("anyio::BlockingPortal::") + what +
+                                   ": the portal has been stopped; start a new one");
+        }
+        return state_->token;
+    }
+
+    void stop_noexcept() noexcept {
+        try {
+            stop();
+        } catch (...) {
+            // Destroyed from its own loop thread: cannot join; detach rather than terminate.
+            if (state_ && state_->thread.joinable()) state_->thread.detach();
+        }
+    }
+
+    std::unique_ptr<State> state_;
+};
+
+/// Starts an event loop on a new thread (named after `options.thread_name` with " portal"
+/// semantics left to the caller) and returns a portal to it, once the loop is running.
+inline BlockingPortal start_blocking_portal(EventLoop::Options options = {}) {
+    auto state = std::make_unique<BlockingPortal::State>();
+    std::promise<LoopToken> started;
+    std::future<LoopToken> token = started.get_future();
+    BlockingPortal::State* raw = state.get();
+    state->thread = std::thread([raw, &started, options = std::move(options)]() mutable {
+        ::pthread_setname_np(::pthread_self(), "anyio portal");
+        auto body = [raw, &started]() -> Task<void> {
+            co_await task_group([raw, &started](TaskGroup& group) -> Task<void> {
+                raw->group = &group;
+                raw->running_group = &group;
+                started.set_value(lowlevel::current_token());
+                co_await raw->stop_requested.wait();
+            });
+            raw->running_group = nullptr;
+        };
+        try {
+            run(body(), options);
+        } catch (...) {
+            // The portal's own body never throws; a failing task went to its caller already.
+        }
+    });
+    state->token = token.get();
+    return BlockingPortal(std::move(state));
+}
+
+}  // namespace anyio

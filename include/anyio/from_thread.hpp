@@ -1,0 +1,271 @@
+// anyio-cpp: from_thread: calling back into the loop from worker threads and other threads.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "cancel_scope.hpp"
+#include "detail/remote_inbox.hpp"
+#include "detail/result.hpp"
+#include "detail/runnable.hpp"
+#include "detail/worker_thread.hpp"
+#include "errors.hpp"
+#include "event_loop.hpp"
+#include "task.hpp"
+#include "task_group.hpp"
+
+namespace anyio::from_thread {
+namespace detail {
+
+/// Where a blocking call goes: the loop's inbox, and the worker's job if the caller is a
+/// worker of that loop (its host task's scope then governs the call).
+struct Target {
+    anyio::detail::LoopShared* loop = nullptr;
+    anyio::detail::JobBase* job = nullptr;
+};
+
+[[noreturn]] inline void throw_on_loop_thread(const char* what) {
+    throw std::logic_error(std::string("anyio::from_thread::") + what +
+                           " was called on the event loop's own thread, where it would block "
+                           "the loop for ever; co_await the work directly instead");
+}
+
+inline Target resolve(const char* what) {
+    if (EventLoop::current() != nullptr) throw_on_loop_thread(what);
+    if (anyio::detail::current_job == nullptr || anyio::detail::current_worker_loop == nullptr) {
+        throw NoEventLoopError(std::string("anyio::from_thread::") + what +
+                               ": this thread is not an anyio worker thread; pass a LoopToken "
+                               "(anyio::lowlevel::current_token()) or use a BlockingPortal");
+    }
+    return {anyio::detail::current_worker_loop, anyio::detail::current_job};
+}
+
+inline Target resolve(const LoopToken& token, const char* what) {
+    if (!token) {
+        throw NoEventLoopError(std::string("anyio::from_thread::") + what +
+                               ": the LoopToken is empty; get one with "
+                               "anyio::lowlevel::current_token() on the loop");
+    }
+    if (EventLoop* here = EventLoop::current(); here != nullptr && &here->shared() == token.shared()) {
+        throw_on_loop_thread(what);
+    }
+    if (token.finished()) throw RunFinishedError();
+    anyio::detail::JobBase* job = anyio::detail::current_worker_loop == token.shared()
+                                      ? anyio::detail::current_job
+                                      : nullptr;
+    return {token.shared(), job};
+}
+
+/// A call parked on the calling thread's stack until the loop has handled it: no allocation.
+template <class R>
+class BlockingCall : public anyio::detail::Runnable {
+public:
+    explicit BlockingCall(Invoke invoke) noexcept : Runnable(invoke) {}
+
+    /// Posts the call and blocks until the loop finishes it; returns or rethrows.
+    R post_and_wait(anyio::detail::LoopShared& loop) {
+        if (!loop.post(this)) throw RunFinishedError();
+        wait();
+        return result_.take();
+    }
+
+    /// Loop side: the outcome is in result_; let the caller go. The caller may return (and
+    /// free this object) as soon as `done_` flips, so it is the last write.
+    void finish() noexcept {
+        if (!result_.ready()) result_.set_exception(std::make_exception_ptr(RunFinishedError()));
+        // release: the result written above is visible to the caller's acquire load.
+        done_.store(1, std::memory_order_release);
+        // A wake on memory the caller may already have released is harmless: the futex
+        // syscall only compares an address (no user memory is touched after the store).
+        anyio::detail::futex_wake(&done_);
+    }
+
+    anyio::detail::Result<R> result_;
+
+private:
+    void wait() noexcept {
+        // A short spin first: the loop usually answers within microseconds, and sleeping
+        // costs a cross-vCPU wake-up (tens of microseconds on a VM).
+        auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
+        for (unsigned i = 1;; ++i) {
+            if (done_.load(std::memory_order_acquire) != 0) return;  // acquire: see finish()
+            if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
+        }
+        while (done_.load(std::memory_order_acquire) == 0) {  // acquire: see finish()
+            anyio::detail::futex_wait(&done_, 0, nullptr);
+        }
+    }
+
+    std::atomic<std::uint32_t> done_{0};
+};
+
+template <class F, class... Args>
+class SyncCall final : public BlockingCall<std::invoke_result_t<F&, Args&...>> {
+    using R = std::invoke_result_t<F&, Args&...>;
+
+public:
+    SyncCall(F& fn, Args&... args) noexcept
+        : BlockingCall<R>(&invoke), fn_(fn), args_(args...) {}
+
+private:
+    static void invoke(anyio::detail::Runnable* self, bool run) {
+        auto* call = static_cast<SyncCall*>(self);
+        if (run) call->result_.capture([call]() -> R { return std::apply(call->fn_, call->args_); });
+        call->finish();
+    }
+    F& fn_;
+    std::tuple<Args&...> args_;
+};
+
+template <class F, class... Args>
+using async_result_t = typename std::invoke_result_t<F&, Args&...>::value_type;
+
+/// Runs the coroutine `fn(args...)` as a new task on the loop: under the calling worker's
+/// host scope (so cancelling the host cancels it), or in `group` (a portal's task group).
+template <class F, class... Args>
+class AsyncCall final : public BlockingCall<async_result_t<F, Args...>> {
+    using R = async_result_t<F, Args...>;
+
+public:
+    AsyncCall(anyio::detail::JobBase* job, TaskGroup* const* group, F& fn, Args&... args) noexcept
+        : BlockingCall<R>(&invoke), job_(job), group_(group), fn_(fn), args_(args...) {}
+
+private:
+    static void invoke(anyio::detail::Runnable* self, bool run) {
+        auto* call = static_cast<AsyncCall*>(self);
+        if (!run) {
+            call->finish();
+            return;
+        }
+        try {
+            call->start(*EventLoop::current());
+        } catch (...) {
+            call->result_.set_exception(std::current_exception());
+            call->finish();
+        }
+    }
+
+    void start(EventLoop& loop) {
+        Task<R> task = std::apply(fn_, args_);  // creates the frame; nothing runs yet
+        if (group_ != nullptr) {
+            if (*group_ == nullptr) throw RunFinishedError();
+            (*group_)->start_soon(deliver(std::move(task), this));
+            return;
+        }
+        CancelScope* parent = nullptr;
+        if (job_ != nullptr) {
+            if (job_->abandoned_) {
+                scope_.cancel();  // the host was cancelled and left: so is this call
+            } else {
+                parent = job_->host_scope_;
+            }
+        }
+        scope_.activate(loop, parent);
+        if (job_ != nullptr) job_->call_scope_ = &scope_;
+        anyio::detail::TaskState& spawned = loop.spawn(deliver(std::move(task), this));
+        scope_.adopt(spawned);
+    }
+
+    // Ends the call however the task ends: with a value, an exception, or its frame destroyed
+    // at loop shutdown (the RAII finisher then reports RunFinishedError).
+    static Task<void> deliver(Task<R> task, AsyncCall* call) {
+        struct Finisher {
+            AsyncCall* call;
+            ~Finisher() {
+                if (call->group_ == nullptr) {
+                    if (call->job_ != nullptr && call->job_->call_scope_ == &call->scope_) {
+                        call->job_->call_scope_ = nullptr;
+                    }
+                    call->scope_.deactivate();
+                }
+                call->finish();
+            }
+        } finisher{call};
+        try {
+            if constexpr (std::is_void_v<R>) {
+                co_await std::move(task);
+                call->result_.set_value();
+            } else if constexpr (std::is_reference_v<R>) {
+                R value = co_await std::move(task);
+                call->result_.set_value(value);
+            } else {
+                call->result_.set_value(co_await std::move(task));
+            }
+        } catch (...) {
+            call->result_.set_exception(std::current_exception());
+        }
+    }
+
+    anyio::detail::JobBase* job_;
+    TaskGroup* const* group_;
+    CancelScope scope_;
+    F& fn_;
+    std::tuple<Args&...> args_;
+};
+
+template <class F, class... Args>
+decltype(auto) call_sync(Target target, F& fn, Args&... args) {
+    SyncCall<F, Args...> call(fn, args...);
+    return call.post_and_wait(*target.loop);
+}
+
+template <class F, class... Args>
+decltype(auto) call_async(Target target, TaskGroup* const* group, F& fn, Args&... args) {
+    AsyncCall<F, Args...> call(target.job, group, fn, args...);
+    return call.post_and_wait(*target.loop);
+}
+
+}  // namespace detail
+
+/// From a worker thread (inside to_thread::run_sync): runs the coroutine `async_fn(args...)`
+/// on the loop as a new task and blocks until it finishes; returns its value or rethrows.
+/// The task runs under the scope of the task that called run_sync, so cancelling that task
+/// cancels it too. Throws NoEventLoopError on a thread that is not a worker,
+/// std::logic_error on the loop thread, RunFinishedError once the loop has finished.
+/// Allocates nothing but the new task's frames.
+template <class F, class... Args>
+    requires(!std::same_as<std::decay_t<F>, LoopToken> && returns_task<F&, Args&...>)
+decltype(auto) run(F&& async_fn, Args&&... args) {
+    return detail::call_async(detail::resolve("run"), nullptr, async_fn, args...);
+}
+
+/// The same from any thread, given a token of the loop.
+template <class F, class... Args>
+    requires returns_task<F&, Args&...>
+decltype(auto) run(const LoopToken& token, F&& async_fn, Args&&... args) {
+    return detail::call_async(detail::resolve(token, "run"), nullptr, async_fn, args...);
+}
+
+/// From a worker thread: runs `fn(args...)` on the loop thread and blocks until it returns;
+/// returns its value or rethrows. Errors as for run().
+template <class F, class... Args>
+    requires(!std::same_as<std::decay_t<F>, LoopToken> && std::invocable<F&, Args&...>)
+decltype(auto) run_sync(F&& fn, Args&&... args) {
+    return detail::call_sync(detail::resolve("run_sync"), fn, args...);
+}
+
+/// The same from any thread, given a token of the loop.
+template <class F, class... Args>
+    requires std::invocable<F&, Args&...>
+decltype(auto) run_sync(const LoopToken& token, F&& fn, Args&&... args) {
+    return detail::call_sync(detail::resolve(token, "run_sync"), fn, args...);
+}
+
+/// From a worker thread: throws Cancelled if the task that called to_thread::run_sync has
+/// been cancelled (respecting shields, as the loop saw it when the cancellation came). Keeps
+/// reporting it after the call was abandoned. Errors as for run().
+inline void check_cancelled() {
+    detail::Target target = detail::resolve("check_cancelled");
+    // acquire: pairs with the loop's release store when the caller was cancelled.
+    if (target.job->cancelled_.load(std::memory_order_acquire)) throw Cancelled{};
+}
+
+}  // namespace anyio::from_thread
