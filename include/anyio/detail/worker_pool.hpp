@@ -60,6 +60,11 @@ public:
     /// Runs `job` on an idle worker, or on a new one. Throws std::system_error if a thread
     /// cannot be started (the pool stays usable).
     void dispatch(JobBase& job) {
+        if (shutting_down_) {
+            throw RunFinishedError(
+                "anyio::to_thread::run_sync: the event loop is shutting down and no longer "
+                "starts blocking calls");
+        }
         auto now = std::chrono::steady_clock::now();
         prune(now);
         WorkerThread* worker = idle_.pop_front();
