@@ -18,11 +18,14 @@
 #include <utility>
 #include <vector>
 
+#include <sys/prctl.h>
+
 #include "detail/intrusive_list.hpp"
 #include "detail/poller.hpp"
 #include "detail/remote_inbox.hpp"
 #include "detail/result.hpp"
 #include "detail/runnable.hpp"
+#include "detail/spin.hpp"
 #include "detail/task_state.hpp"
 #include "detail/timer_heap.hpp"
 #include "errors.hpp"
@@ -135,11 +138,11 @@ struct LoopOptions {
     /// Name of the worker threads, also given to the OS (cut to 15 bytes).
     std::string thread_name = "anyio worker";
     /// Run on each worker thread as it starts, and before it exits.
-    std::function<void()> on_thread_start;
-    std::function<void()> on_thread_stop;
+    std::function<void()> on_thread_start{};
+    std::function<void()> on_thread_stop{};
     /// How long leaving run() waits for busy workers before detaching them (their late
     /// results are then dropped safely). Empty: wait for ever.
-    std::optional<std::chrono::steady_clock::duration> shutdown_timeout;
+    std::optional<std::chrono::steady_clock::duration> shutdown_timeout{};
 };
 
 /// A copyable handle to a loop that any thread may hold, even after the loop has finished:
@@ -334,11 +337,6 @@ private:
         std::unique_ptr<detail::LoopService> service;
     };
 
-    // How long the loop spins for an imminent completion before it parks: about the cost of
-    // waking a parked thread on another vCPU (BENCH.md), so spinning never costs more than
-    // the wake-up it saves.
-    static constexpr std::chrono::microseconds spin_budget{50};
-
     void run_once();
     void fire_due_timers(time_point now);
     void park(time_point now);
@@ -364,6 +362,7 @@ private:
     std::vector<ServiceEntry> services_;
     detail::TaskState* current_task_ = nullptr;
     std::int64_t remote_in_flight_ = 0;
+    detail::SpinPolicy spin_;
     std::exception_ptr callback_error_;
     bool running_ = false;
     bool finished_ = false;
@@ -378,14 +377,6 @@ inline void run_task(Runnable* self, bool run) {
     loop->current_task_ = task;
     resume_chain(task->resume_point_);  // may end the task and free `task`
     loop->current_task_ = nullptr;
-}
-
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
 }
 
 inline std::timespec to_timespec(std::chrono::steady_clock::duration d) noexcept {
@@ -440,6 +431,10 @@ T EventLoop::run(Task<T> main) {
     } state;
     detail::current_loop = this;
     running_ = true;
+    // Timer wake-ups on time: Linux adds up to 50 us of "timer slack" to every sleep of a
+    // normal thread; the loop asks for 1 ns while it runs and restores the setting after.
+    const int previous_slack = ::prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+    ::prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
     spawn(detail::deliver_result<T>(std::move(main), &state.result),
           [](void* owner, detail::TaskState& task) {
               auto* main_state = static_cast<MainState*>(owner);
@@ -449,6 +444,7 @@ T EventLoop::run(Task<T> main) {
           &state);
     run_until([&] { return state.done; });
     shutdown();
+    if (previous_slack > 0) ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_slack), 0, 0, 0);
     if (callback_error_ && !state.result.has_exception()) std::rethrow_exception(callback_error_);
     return state.result.take();
 }
@@ -498,12 +494,10 @@ inline void EventLoop::park(time_point now) {
     if (remote_in_flight_ > 0) {
         // A worker is about to post a completion: waking a parked loop costs tens of
         // microseconds on a VM, a short bounded spin costs less. Never past the next timer.
-        time_point spin_until = now + spin_budget;
-        if (wake_at && *wake_at < spin_until) spin_until = *wake_at;
-        for (unsigned i = 1;; ++i) {
-            if (shared_->has_posts()) return;
-            if ((i & 63) == 0 && clock::now() >= spin_until) break;
-            detail::cpu_relax();
+        shared_->note_loop_cpu(detail::current_cpu());
+        if (spin_.spin([this] { return shared_->has_posts(); },
+                       wake_at.value_or(time_point::max()))) {
+            return;
         }
         now = clock::now();
         if (wake_at && *wake_at <= now) return;

@@ -16,6 +16,7 @@
 #include "detail/remote_inbox.hpp"
 #include "detail/result.hpp"
 #include "detail/runnable.hpp"
+#include "detail/spin.hpp"
 #include "detail/worker_thread.hpp"
 #include "errors.hpp"
 #include "event_loop.hpp"
@@ -92,17 +93,16 @@ public:
 
 private:
     void wait() noexcept {
-        // A short spin first: the loop usually answers within microseconds, and sleeping
-        // costs a cross-vCPU wake-up (tens of microseconds on a VM).
-        auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(50);
-        for (unsigned i = 1;; ++i) {
-            if (done_.load(std::memory_order_acquire) != 0) return;  // acquire: see finish()
-            if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
-        }
-        while (done_.load(std::memory_order_acquire) == 0) {  // acquire: see finish()
+        // A short adaptive spin first: the loop usually answers within microseconds, and
+        // sleeping costs a cross-vCPU wake-up (tens of microseconds on a VM).
+        // acquire: pairs with finish()'s release store.
+        if (wait_spin.spin([this] { return done_.load(std::memory_order_acquire) != 0; })) return;
+        while (done_.load(std::memory_order_acquire) == 0) {  // acquire: as above
             anyio::detail::futex_wait(&done_, 0, nullptr);
         }
     }
+
+    static inline thread_local anyio::detail::SpinPolicy wait_spin{};
 
     std::atomic<std::uint32_t> done_{0};
 };

@@ -122,6 +122,15 @@ public:
     }
     [[nodiscard]] int event_fd() const noexcept { return event_fd_; }
 
+    /// The CPU the loop last ran on before waiting for a completion: a worker on the same CPU
+    /// does not spin (the loop could not run while it spins).
+    void note_loop_cpu(int cpu) noexcept {
+        loop_cpu_.store(cpu, std::memory_order_relaxed);  // relaxed: a scheduling hint
+    }
+    [[nodiscard]] int loop_cpu() const noexcept {
+        return loop_cpu_.load(std::memory_order_relaxed);  // relaxed: a scheduling hint
+    }
+
     /// Statistics for benchmarks: how many wake-ups were actually sent.
     [[nodiscard]] std::uint64_t wakeups_sent() const noexcept {
         return wakeups_sent_.load(std::memory_order_relaxed);  // relaxed: a counter
@@ -163,6 +172,7 @@ private:
     std::atomic<Runnable*> head_{nullptr};
     std::atomic<std::uint32_t> park_state_{running};
     std::atomic<std::uint64_t> wakeups_sent_{0};
+    std::atomic<int> loop_cpu_{-1};
     int event_fd_;
 };
 

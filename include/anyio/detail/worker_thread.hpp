@@ -22,6 +22,7 @@
 #include "intrusive_list.hpp"
 #include "remote_inbox.hpp"
 #include "runnable.hpp"
+#include "spin.hpp"
 #include "task_state.hpp"
 
 namespace anyio {
@@ -147,11 +148,6 @@ private:
     enum State : std::uint32_t { empty = 0, sleeping = 1, has_job = 2, stopping = 3 };
     enum Ownership : int { owned = 0, exited = 1, detached = 2 };
 
-    // How long a worker that just finished a job spins for the next one before sleeping:
-    // about the cost of a cross-vCPU wake-up, which the spin saves when the next job comes
-    // (sequential offloads), and small enough to waste little when it does not.
-    static constexpr std::chrono::microseconds spin_budget{50};
-
     void main() {
         set_thread_name();
         current_worker_loop = shared_->loop.get();
@@ -197,22 +193,19 @@ private:
     }
 
     std::uint32_t spin_for_work() noexcept {
+        // Spinning on the loop's own CPU would only delay the loop that is to give us a job.
+        if (current_cpu() == shared_->loop->loop_cpu()) return empty;
         int idle = 0;
         // acquire: the slot guards nothing but itself; relaxed would do, acquire is free here.
         if (!shared_->spinning_workers.compare_exchange_strong(idle, 1, std::memory_order_acquire,
                                                                std::memory_order_relaxed)) {
             return empty;  // someone else is spinning: sleep straight away
         }
-        auto until = std::chrono::steady_clock::now() + spin_budget;
         std::uint32_t state = empty;
-        for (unsigned i = 1;; ++i) {
+        spin_.spin([&] {
             state = state_.load(std::memory_order_acquire);  // acquire: as in wait_for_work
-            if (state != empty) break;
-            if ((i & 63) == 0 && std::chrono::steady_clock::now() >= until) break;
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-        }
+            return state != empty;
+        });
         shared_->spinning_workers.store(0, std::memory_order_release);  // release: slot free
         return state;
     }
@@ -235,6 +228,7 @@ private:
     std::atomic<bool> stop_requested_{false};
     std::atomic<int> ownership_{owned};
     JobBase* job_ = nullptr;  // written by the loop before the release in give()
+    SpinPolicy spin_;         // worker thread only
     std::shared_ptr<PoolShared> shared_;
     std::thread thread_;
 };
