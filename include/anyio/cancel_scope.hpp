@@ -112,7 +112,9 @@ public:
                 co_return scope_result_t<T>(co_await std::move(task));
             }
         } catch (const Cancelled&) {
-            if (!cancel_called_) throw;
+            // Caught here only if this scope was cancelled and no cancelled enclosing scope
+            // is visible from it (trio's and anyio's rule); otherwise it goes on outwards.
+            if (!cancel_called_ || (!shield_ && parent_cancelled())) throw;
             cancelled_caught_ = true;
         }
         co_return scope_result_t<T>{};
@@ -270,11 +272,18 @@ inline bool is_cancelled(const TaskState& task) noexcept {
     return CancelScope::effectively_cancelled(task.scope_);
 }
 
-inline std::chrono::steady_clock::time_point deadline_after(
-    std::chrono::steady_clock::time_point now, std::chrono::steady_clock::duration delay) {
+/// `now + delay`, saturated: a delay too large for the clock gives time_point::max() (no
+/// deadline) instead of overflowing into the past; a negative one gives `now`.
+template <class Rep, class Period>
+std::chrono::steady_clock::time_point deadline_after(std::chrono::steady_clock::time_point now,
+                                                     std::chrono::duration<Rep, Period> delay) {
     using time_point = std::chrono::steady_clock::time_point;
-    if (delay >= time_point::max() - now) return time_point::max();
-    return now + delay;
+    using Delay = std::chrono::duration<Rep, Period>;
+    if (delay <= Delay::zero()) return now;
+    // Compare in the caller's unit: converting the (nanosecond) headroom to a coarser unit
+    // cannot overflow, converting a huge delay to nanoseconds could.
+    if (delay >= std::chrono::duration_cast<Delay>(time_point::max() - now)) return time_point::max();
+    return now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay);
 }
 
 }  // namespace detail
@@ -284,8 +293,7 @@ inline std::chrono::steady_clock::time_point deadline_after(
 template <class Rep, class Period, class T>
 Task<scope_result_t<T>> move_on_after(std::chrono::duration<Rep, Period> delay, Task<T> task) {
     EventLoop& loop = detail::running_loop("move_on_after");
-    CancelScope scope(detail::deadline_after(
-        loop.time(), std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay)));
+    CancelScope scope(detail::deadline_after(loop.time(), delay));
     co_return co_await scope.run(std::move(task));
 }
 
@@ -293,8 +301,7 @@ Task<scope_result_t<T>> move_on_after(std::chrono::duration<Rep, Period> delay, 
 template <class Rep, class Period, class T>
 Task<T> fail_after(std::chrono::duration<Rep, Period> delay, Task<T> task) {
     EventLoop& loop = detail::running_loop("fail_after");
-    CancelScope scope(detail::deadline_after(
-        loop.time(), std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay)));
+    CancelScope scope(detail::deadline_after(loop.time(), delay));
     auto result = co_await scope.run(std::move(task));
     if (scope.cancelled_caught()) throw TimeoutError();
     if constexpr (std::is_void_v<T>) {

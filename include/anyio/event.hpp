@@ -78,8 +78,7 @@ inline detail::SleepAwaiter sleep_until(std::chrono::steady_clock::time_point de
 /// Suspends the task for `delay` (a cancellation point; `sleep(0s)` yields once).
 template <class Rep, class Period>
 detail::SleepAwaiter sleep(std::chrono::duration<Rep, Period> delay) {
-    return detail::SleepAwaiter{detail::deadline_after(
-        current_time(), std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay))};
+    return detail::SleepAwaiter{detail::deadline_after(current_time(), delay)};
 }
 
 /// Yields once to the loop and raises Cancelled if the task's scope was cancelled.

@@ -51,7 +51,7 @@ public:
     /// Starts `fn(args...)` as a child; `fn` and `args` are decay-copied into the child's
     /// frame first, so a lambda's captures stay alive as long as the child runs.
     template <class F, class... Args>
-        requires returns_task<std::decay_t<F>&, std::decay_t<Args>&...>
+        requires returns_task<std::decay_t<F>, std::decay_t<Args>...>
     void start_soon(F&& fn, Args&&... args) {
         start_soon(call_in_frame(std::decay_t<F>(std::forward<F>(fn)),
                                  std::decay_t<Args>(std::forward<Args>(args))...));
@@ -69,7 +69,8 @@ private:
 
     template <class F, class... Args>
     static Task<void> call_in_frame(F fn, Args... args) {
-        co_await std::invoke(fn, args...);
+        // The copies are passed on as rvalues, like std::thread does (move-only arguments).
+        co_await std::invoke(std::move(fn), std::move(args)...);
     }
 
     void require_active() const {
@@ -149,7 +150,9 @@ Task<void> task_group(F body) {
         group.errors_.push_back(std::current_exception());
         group.scope_.cancel();
     }
-    co_await TaskGroup::JoinAwaiter{&group};
+    // A child may start another one after the last child ended but before we resume
+    // (anyio keeps waiting then): wait until no child is left, then close the group.
+    while (group.live_children_ > 0) co_await TaskGroup::JoinAwaiter{&group};
     group.active_ = false;
     group.scope_.exit(host);
     if (!group.errors_.empty()) group.rethrow_errors();
