@@ -87,10 +87,10 @@ public:
     }
 
     /// Waits for a token on behalf of the current task (a cancellation point).
-    [[nodiscard]] AcquireAwaiter acquire() noexcept { return AcquireAwaiter{*this, nullptr}; }
+    [[nodiscard]] AcquireAwaiter acquire() noexcept { return AcquireAwaiter{*this, nullptr, true}; }
     /// Waits for a token on behalf of `borrower`.
     [[nodiscard]] AcquireAwaiter acquire_on_behalf_of(const void* borrower) noexcept {
-        return AcquireAwaiter{*this, borrower};
+        return AcquireAwaiter{*this, borrower, false};
     }
 
     /// Takes a token for the current task now, or throws WouldBlock.
@@ -238,9 +238,10 @@ private:
     class AcquireAwaiter final : public detail::CancellableWait<AcquireAwaiter>,
                                  public detail::LimiterWaiter {
     public:
-        AcquireAwaiter(CapacityLimiter& limiter, const void* borrower) noexcept
-            : LimiterWaiter(&on_granted), limiter_(&limiter) {
-            borrower_ = borrower;
+        AcquireAwaiter(CapacityLimiter& limiter, const void* borrower,
+                       bool for_current_task) noexcept
+            : LimiterWaiter(&on_granted), limiter_(&limiter), for_current_task_(for_current_task) {
+            borrower_ = borrower;  // any pointer, nullptr included, is a borrower
         }
         AcquireAwaiter(const AcquireAwaiter&) = delete;
         AcquireAwaiter& operator=(const AcquireAwaiter&) = delete;
@@ -249,7 +250,7 @@ private:
         bool await_ready() const noexcept { return false; }
         bool await_suspend(std::coroutine_handle<> handle) {
             if (!begin("CapacityLimiter::acquire", handle)) return false;
-            if (borrower_ == nullptr) borrower_ = task_;
+            if (for_current_task_) borrower_ = task_;
             if (limiter_->try_acquire_on_behalf_of(borrower_)) {
                 wake();  // acquired at once: still yield once (anyio's shielded checkpoint)
                 return true;
@@ -277,13 +278,14 @@ private:
             awaiter->wake();
         }
         CapacityLimiter* limiter_;
+        bool for_current_task_;
         bool granted_after_wait_ = false;
     };
 
     class ScopedAwaiter {
     public:
         explicit ScopedAwaiter(CapacityLimiter& limiter) noexcept
-            : acquire_(limiter, nullptr), limiter_(&limiter) {}
+            : acquire_(limiter, nullptr, true), limiter_(&limiter) {}
         bool await_ready() const noexcept { return false; }
         bool await_suspend(std::coroutine_handle<> handle) {
             return acquire_.await_suspend(handle);

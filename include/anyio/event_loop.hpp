@@ -67,6 +67,22 @@ public:
 template <class Service>
 inline const char service_key = 0;
 
+/// `now + delay`, saturated: a delay too large for the clock gives time_point::max() (no
+/// deadline) instead of overflowing into the past; a negative one gives `now`.
+template <class Rep, class Period>
+std::chrono::steady_clock::time_point deadline_after(std::chrono::steady_clock::time_point now,
+                                                     std::chrono::duration<Rep, Period> delay) {
+    using time_point = std::chrono::steady_clock::time_point;
+    using Delay = std::chrono::duration<Rep, Period>;
+    if (delay <= Delay::zero()) return now;
+    // Compare in the caller's unit: converting the (nanosecond) headroom to a coarser unit
+    // cannot overflow, converting a huge delay to nanoseconds could.
+    if (delay >= std::chrono::duration_cast<Delay>(time_point::max() - now)) {
+        return time_point::max();
+    }
+    return now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay);
+}
+
 // The root coroutine of every task: it owns the TaskState (in its promise, so a task costs no
 // allocation beyond its frames), runs the body, records how it ended, tells its owner and
 // frees itself.
@@ -76,7 +92,7 @@ struct RootCoroutine {
     std::coroutine_handle<RootPromise> handle;
 };
 
-struct RootPromise : TaskState {
+struct RootPromise : TaskState, FrameLink {
     RootCoroutine get_return_object() noexcept {
         return {std::coroutine_handle<RootPromise>::from_promise(*this)};
     }
@@ -258,7 +274,7 @@ public:
     }
     template <class Rep, class Period, class F>
     void call_later(std::chrono::duration<Rep, Period> delay, F&& fn) {
-        call_at(time() + std::chrono::duration_cast<duration>(delay), std::forward<F>(fn));
+        call_at(detail::deadline_after(time(), delay), std::forward<F>(fn));
     }
 
     // ---- Low-level interface for the library's primitives (not needed by applications) ----
@@ -549,7 +565,8 @@ inline void EventLoop::close_without_running() noexcept {
             pinned.push_back(task);  // a detached worker may still write into it: leak it
             continue;
         }
-        task->frame_.destroy();
+        detail::destroy_frame_chain(task->frame_,
+                                    static_cast<detail::RootPromise*>(task));
     }
     // 5. Services go last (tasks may have been linked into them, e.g. a limiter's queue).
     while (!services_.empty()) services_.pop_back();

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "detail/result.hpp"
 
@@ -46,8 +47,36 @@ inline void resume_chain(std::coroutine_handle<> handle) {
     } while (address != nullptr);
 }
 
+/// Links a suspended coroutine to the Task frame it is awaiting, so that loop shutdown can
+/// destroy a suspended chain innermost first, iteratively (destroying the outer frame first
+/// would recurse through every ~Task and overflow the stack for deep chains).
+struct FrameLink {
+    FrameLink* awaited_ = nullptr;            // the promise of the frame awaited now
+    std::coroutine_handle<> awaited_frame_;   // ... and that frame
+    void* owner_slot_ = nullptr;              // where the awaiting Task keeps our handle
+    void (*clear_owner_)(void* slot) noexcept = nullptr;
+};
+
+/// Destroys `frame` (whose promise is `link`) and every frame it is suspended on, innermost
+/// first, without recursion.
+inline void destroy_frame_chain(std::coroutine_handle<> frame, FrameLink* link) {
+    std::vector<FrameLink*> chain;
+    for (FrameLink* node = link; node->awaited_ != nullptr; node = node->awaited_) {
+        chain.push_back(node);
+    }
+    for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+        FrameLink* parent = *it;
+        FrameLink* child = parent->awaited_;
+        std::coroutine_handle<> child_frame = parent->awaited_frame_;
+        child->clear_owner_(child->owner_slot_);  // the parent's Task must not destroy it again
+        parent->awaited_ = nullptr;
+        child_frame.destroy();
+    }
+    frame.destroy();
+}
+
 template <class T>
-class TaskPromiseBase {
+class TaskPromiseBase : public FrameLink {
 public:
     std::suspend_always initial_suspend() noexcept { return {}; }
 
@@ -125,23 +154,44 @@ public:
     public:
         explicit Awaiter(std::coroutine_handle<promise_type> handle) noexcept : handle_(handle) {}
         bool await_ready() const noexcept { return false; }
-        void await_suspend(std::coroutine_handle<> awaiting) {
+        template <class AwaitingPromise>
+        void await_suspend(std::coroutine_handle<AwaitingPromise> awaiting) {
             if (!handle_ || handle_.done()) {
                 throw std::logic_error(
                     "anyio::Task: co_await on an empty or already awaited task; a Task can be "
                     "awaited once (create a new one to run the coroutine again)");
             }
-            handle_.promise().continuation_ = awaiting;
+            promise_type& child = handle_.promise();
+            child.continuation_ = awaiting;
+            if constexpr (std::is_base_of_v<detail::FrameLink, AwaitingPromise>) {
+                awaiting_ = &awaiting.promise();
+                awaiting_->awaited_ = &child;
+                awaiting_->awaited_frame_ = handle_;
+                child.owner_slot_ = owner_;
+                child.clear_owner_ = &clear_owner;
+            }
             detail::transfer_to(handle_);
         }
-        T await_resume() { return handle_.promise().result_.take(); }
+        T await_resume() {
+            if (awaiting_ != nullptr) awaiting_->awaited_ = nullptr;
+            return handle_.promise().result_.take();
+        }
 
     private:
+        friend class Task;
+        Awaiter(std::coroutine_handle<promise_type> handle,
+                std::coroutine_handle<promise_type>* owner) noexcept
+            : handle_(handle), owner_(owner) {}
+        static void clear_owner(void* slot) noexcept {
+            *static_cast<std::coroutine_handle<promise_type>*>(slot) = nullptr;
+        }
         std::coroutine_handle<promise_type> handle_;
+        std::coroutine_handle<promise_type>* owner_ = nullptr;
+        detail::FrameLink* awaiting_ = nullptr;
     };
 
-    Awaiter operator co_await() && noexcept { return Awaiter{handle_}; }
-    Awaiter operator co_await() & noexcept { return Awaiter{handle_}; }
+    Awaiter operator co_await() && noexcept { return Awaiter{handle_, &handle_}; }
+    Awaiter operator co_await() & noexcept { return Awaiter{handle_, &handle_}; }
 
     /// The underlying handle, released: the caller now owns the frame (for the library's own
     /// task runner).
