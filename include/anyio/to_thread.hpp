@@ -254,6 +254,12 @@ concept offloadable = std::is_invocable_v<std::decay_t<F>, std::decay_t<Args>...
 /// Runs `fn(args...)` on a worker thread and yields its result on the loop thread (or
 /// rethrows what it threw). `fn` and `args` are decay-copied (use std::ref for references).
 /// Throws NoEventLoopError at the call when no loop runs on this thread.
+///
+/// g++ 12 pitfall (a compiler bug, not avoidable here): a lambda with captures that have
+/// destructors, written inside the co_await expression (`co_await run_sync([p] {...})`), is
+/// destroyed twice by g++ 12. Name the lambda first (`auto fn = [p] {...}; co_await
+/// run_sync(fn);`) or pass the values as arguments (`run_sync([](auto p) {...}, p)`).
+/// clang++ and newer g++ are not affected.
 template <class F, class... Args>
     requires offloadable<F, Args...>
 detail::RunSyncAwaiter<std::decay_t<F>, std::decay_t<Args>...> run_sync(RunSyncOptions options,

@@ -1,0 +1,722 @@
+#include <anyio/capacity_limiter.hpp>
+
+#include <anyio/cancel_scope.hpp>
+#include <anyio/errors.hpp>
+#include <anyio/event.hpp>
+#include <anyio/event_loop.hpp>
+#include <anyio/task.hpp>
+#include <anyio/task_group.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "catch.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+
+// Every test body runs under this deadline, so a limiter that never grants a token fails the
+// test instead of hanging it.
+constexpr auto test_timeout = 20s;
+
+template <class Body>
+void run_loop(Body body) {
+    anyio::run(anyio::fail_after(test_timeout, body()));
+}
+
+// Lets the loop run what is ready (children just started, waiters just granted) a few times.
+anyio::Task<> settle(int turns = 4) {
+    for (int i = 0; i < turns; ++i) co_await anyio::checkpoint();
+}
+
+// The message of the `E` that `fn()` throws, or nothing if it throws nothing. Any other
+// exception escapes and fails the test.
+template <class E, class F>
+std::optional<std::string> thrown_message(F&& fn) {
+    try {
+        std::forward<F>(fn)();
+    } catch (const E& error) {
+        return std::string(error.what());
+    }
+    return std::nullopt;
+}
+
+std::vector<const void*> sorted(std::vector<const void*> pointers) {
+    std::sort(pointers.begin(), pointers.end());
+    return pointers;
+}
+
+constexpr const char* already_holding = "already holding one of this CapacityLimiter's tokens";
+
+bool contains(const std::string& text, const std::string& part) {
+    return text.find(part) != std::string::npos;
+}
+
+}  // namespace
+
+TEST_CASE("A negative total is rejected with std::invalid_argument", "[limiter]") {
+    auto message =
+        thrown_message<std::invalid_argument>([] { anyio::CapacityLimiter limiter(-1); });
+    REQUIRE(message.has_value());
+    CHECK(*message == "total_tokens must be >= 0");
+
+    message = thrown_message<std::invalid_argument>(
+        [] { anyio::CapacityLimiter limiter(std::numeric_limits<std::int64_t>::min()); });
+    REQUIRE(message.has_value());
+    CHECK(*message == "total_tokens must be >= 0");
+
+    anyio::CapacityLimiter limiter(2);
+    message = thrown_message<std::invalid_argument>([&] { limiter.set_total_tokens(-1); });
+    REQUIRE(message.has_value());
+    CHECK(*message == "total_tokens must be >= 0");
+    CHECK(limiter.total_tokens() == 2);  // a rejected total changes nothing
+}
+
+TEST_CASE("A limiter with zero tokens makes acquire wait until the total is raised",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(0);
+        CHECK(limiter.total_tokens() == 0);
+        CHECK(limiter.available_tokens() == 0);
+        CHECK_FALSE(limiter.try_acquire());
+        CHECK(thrown_message<anyio::WouldBlock>([&] { limiter.acquire_nowait(); }).has_value());
+
+        bool acquired = false;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await limiter.acquire();
+                acquired = true;
+                limiter.release();
+            });
+            co_await settle();
+            CHECK_FALSE(acquired);
+            CHECK(limiter.statistics().tasks_waiting == 1);
+            CHECK(limiter.borrowed_tokens() == 0);
+
+            limiter.set_total_tokens(1);
+            CHECK(limiter.borrowed_tokens() == 1);  // handed to the waiter at once
+            CHECK(limiter.statistics().tasks_waiting == 0);
+        });
+        CHECK(acquired);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.available_tokens() == 1);
+    });
+}
+
+TEST_CASE("A limiter with infinite_tokens never makes anyone wait", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(anyio::infinite_tokens);
+        CHECK(limiter.total_tokens() == anyio::infinite_tokens);
+        CHECK(limiter.available_tokens() == anyio::infinite_tokens);
+
+        std::vector<int> borrowers(1000);
+        for (int& borrower : borrowers) limiter.acquire_on_behalf_of_nowait(&borrower);
+        co_await limiter.acquire();
+        CHECK(limiter.borrowed_tokens() == 1001);
+        CHECK(limiter.available_tokens() == anyio::infinite_tokens - 1001);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+
+        limiter.release();
+        for (int& borrower : borrowers) limiter.release_on_behalf_of(&borrower);
+        CHECK(limiter.borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("borrowed_tokens and available_tokens follow acquire and release", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(3);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.available_tokens() == 3);
+
+        co_await limiter.acquire();
+        CHECK(limiter.borrowed_tokens() == 1);
+        CHECK(limiter.available_tokens() == 2);
+
+        int other = 0;
+        limiter.acquire_on_behalf_of_nowait(&other);
+        CHECK(limiter.borrowed_tokens() == 2);
+        CHECK(limiter.available_tokens() == 1);
+
+        // Over-subscribed (total lowered below borrowed): available is 0, never negative.
+        limiter.set_total_tokens(1);
+        CHECK(limiter.borrowed_tokens() == 2);
+        CHECK(limiter.available_tokens() == 0);
+
+        limiter.release();
+        limiter.release_on_behalf_of(&other);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.available_tokens() == 1);
+    });
+}
+
+TEST_CASE("acquire_nowait throws WouldBlock and try_acquire returns false when no token is free",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        int holder = 0;
+        CHECK(limiter.try_acquire_on_behalf_of(&holder));
+
+        CHECK(thrown_message<anyio::WouldBlock>([&] { limiter.acquire_nowait(); }).has_value());
+        CHECK_FALSE(limiter.try_acquire());
+        int other = 0;
+        CHECK(thrown_message<anyio::WouldBlock>([&] {
+                  limiter.acquire_on_behalf_of_nowait(&other);
+              }).has_value());
+        CHECK_FALSE(limiter.try_acquire_on_behalf_of(&other));
+        // Failed attempts take nothing.
+        CHECK(limiter.borrowed_tokens() == 1);
+        CHECK(limiter.statistics().borrowers == std::vector<const void*>{&holder});
+
+        limiter.release_on_behalf_of(&holder);
+        CHECK(limiter.try_acquire());
+        CHECK(limiter.borrowed_tokens() == 1);
+        limiter.release();
+        limiter.acquire_nowait();
+        CHECK(limiter.borrowed_tokens() == 1);
+        limiter.release();
+        co_return;
+    });
+}
+
+TEST_CASE("Acquiring twice for the same borrower throws std::runtime_error", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(3);
+
+        // The current task as borrower.
+        limiter.acquire_nowait();
+        auto message = thrown_message<std::runtime_error>([&] { limiter.acquire_nowait(); });
+        REQUIRE(message.has_value());
+        CHECK(contains(*message, already_holding));
+        message = thrown_message<std::runtime_error>([&] { (void)limiter.try_acquire(); });
+        REQUIRE(message.has_value());
+        CHECK(contains(*message, already_holding));
+        std::optional<std::string> awaited;
+        try {
+            co_await limiter.acquire();
+        } catch (const std::runtime_error& error) {
+            awaited = error.what();
+        }
+        REQUIRE(awaited.has_value());
+        CHECK(contains(*awaited, already_holding));
+        CHECK(limiter.borrowed_tokens() == 1);
+
+        // An explicit borrower.
+        int borrower = 0;
+        co_await limiter.acquire_on_behalf_of(&borrower);
+        message = thrown_message<std::runtime_error>(
+            [&] { limiter.acquire_on_behalf_of_nowait(&borrower); });
+        REQUIRE(message.has_value());
+        CHECK(contains(*message, already_holding));
+        message = thrown_message<std::runtime_error>(
+            [&] { (void)limiter.try_acquire_on_behalf_of(&borrower); });
+        REQUIRE(message.has_value());
+        CHECK(contains(*message, already_holding));
+        awaited.reset();
+        try {
+            co_await limiter.acquire_on_behalf_of(&borrower);
+        } catch (const std::runtime_error& error) {
+            awaited = error.what();
+        }
+        REQUIRE(awaited.has_value());
+        CHECK(contains(*awaited, already_holding));
+        CHECK(limiter.borrowed_tokens() == 2);
+
+        // With no token free the second acquire still throws instead of waiting for ever.
+        int filler = 0;
+        limiter.acquire_on_behalf_of_nowait(&filler);
+        REQUIRE(limiter.available_tokens() == 0);
+        awaited.reset();
+        try {
+            co_await limiter.acquire();
+        } catch (const std::runtime_error& error) {
+            awaited = error.what();
+        }
+        REQUIRE(awaited.has_value());
+        CHECK(contains(*awaited, already_holding));
+        CHECK(limiter.borrowed_tokens() == 3);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+
+        limiter.release();
+        limiter.release_on_behalf_of(&borrower);
+        limiter.release_on_behalf_of(&filler);
+        CHECK(limiter.borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("Releasing for a borrower that holds no token throws std::runtime_error",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(2);
+        CHECK(thrown_message<std::runtime_error>([&] { limiter.release(); }).has_value());
+        int borrower = 0;
+        int stranger = 0;
+        CHECK(thrown_message<std::runtime_error>([&] {
+                  limiter.release_on_behalf_of(&borrower);
+              }).has_value());
+        CHECK(limiter.borrowed_tokens() == 0);
+
+        limiter.acquire_on_behalf_of_nowait(&borrower);
+        // Someone else cannot give the token back.
+        CHECK(thrown_message<std::runtime_error>([&] {
+                  limiter.release_on_behalf_of(&stranger);
+              }).has_value());
+        CHECK(thrown_message<std::runtime_error>([&] { limiter.release(); }).has_value());
+        CHECK(limiter.borrowed_tokens() == 1);
+
+        limiter.release_on_behalf_of(&borrower);
+        CHECK(limiter.borrowed_tokens() == 0);
+        // Twice is once too many; the count never goes below zero.
+        CHECK(thrown_message<std::runtime_error>([&] {
+                  limiter.release_on_behalf_of(&borrower);
+              }).has_value());
+        CHECK(limiter.borrowed_tokens() == 0);
+
+        co_await limiter.acquire();
+        limiter.release();
+        CHECK(thrown_message<std::runtime_error>([&] { limiter.release(); }).has_value());
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.available_tokens() == 2);
+    });
+}
+
+TEST_CASE("Tokens can be borrowed on behalf of arbitrary pointers", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(3);
+        int a = 0;
+        std::string b = "borrower";
+        static const char c[] = "a literal";
+        const void* pa = &a;
+        const void* pb = &b;
+        const void* pc = c;
+
+        co_await limiter.acquire_on_behalf_of(pa);
+        limiter.acquire_on_behalf_of_nowait(pb);
+        CHECK(limiter.try_acquire_on_behalf_of(pc));
+        CHECK(limiter.borrowed_tokens() == 3);
+        CHECK(sorted(limiter.statistics().borrowers) == sorted({pa, pb, pc}));
+        // Full: the task itself (a different borrower) gets nothing now.
+        CHECK_FALSE(limiter.try_acquire());
+
+        int d = 0;
+        bool d_acquired = false;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await limiter.acquire_on_behalf_of(&d);
+                d_acquired = true;
+            });
+            co_await settle();
+            CHECK_FALSE(d_acquired);
+            CHECK(limiter.statistics().tasks_waiting == 1);
+            limiter.release_on_behalf_of(pb);  // goes to the borrower &d
+        });
+        CHECK(d_acquired);
+        CHECK(sorted(limiter.statistics().borrowers) == sorted({pa, pc, &d}));
+
+        // A task holding tokens on behalf of pointers can still borrow one for itself.
+        limiter.release_on_behalf_of(pc);
+        co_await limiter.acquire();
+        CHECK(limiter.borrowed_tokens() == 3);
+        CHECK(limiter.statistics().borrowers.size() == 3);
+
+        limiter.release();
+        limiter.release_on_behalf_of(&d);
+        limiter.release_on_behalf_of(pa);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.statistics().borrowers.empty());
+    });
+}
+
+TEST_CASE("A null pointer is a borrower like any other", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(2);
+        const void* null_borrower = nullptr;
+
+        limiter.acquire_on_behalf_of_nowait(null_borrower);
+        CHECK(limiter.statistics().borrowers == std::vector<const void*>{nullptr});
+        limiter.release_on_behalf_of(null_borrower);
+        CHECK(limiter.borrowed_tokens() == 0);
+
+        // The awaited form must borrow for nullptr too, not for the current task.
+        co_await limiter.acquire_on_behalf_of(null_borrower);
+        CHECK(limiter.statistics().borrowers == std::vector<const void*>{nullptr});
+        CHECK(thrown_message<std::runtime_error>([&] {
+                  limiter.release_on_behalf_of(null_borrower);
+              }) == std::nullopt);
+        CHECK(limiter.borrowed_tokens() == 0);
+        if (limiter.borrowed_tokens() == 0) {
+            CHECK(limiter.try_acquire());  // the task itself holds nothing of this limiter
+            limiter.release();
+        }
+    });
+}
+
+TEST_CASE("A scoped guard holds a token until it is destroyed", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        int other = 0;
+        {
+            auto guard = co_await limiter.scoped();
+            CHECK(limiter.borrowed_tokens() == 1);
+            CHECK_FALSE(limiter.try_acquire_on_behalf_of(&other));
+        }
+        CHECK(limiter.borrowed_tokens() == 0);
+
+        // Moving the guard moves the token: released once, by the last owner.
+        {
+            auto first = co_await limiter.scoped();
+            auto second = std::move(first);
+            CHECK(limiter.borrowed_tokens() == 1);
+        }
+        CHECK(limiter.borrowed_tokens() == 0);
+
+        // Unwinding by an exception releases it.
+        try {
+            auto guard = co_await limiter.scoped();
+            CHECK(limiter.borrowed_tokens() == 1);
+            throw std::runtime_error("unwind");
+        } catch (const std::runtime_error&) {
+        }
+        CHECK(limiter.borrowed_tokens() == 0);
+
+        // Destroying the guard hands the token to a waiter.
+        bool waiter_acquired = false;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            std::optional<anyio::CapacityLimiter::Guard> guard(co_await limiter.scoped());
+            tg.start_soon([&]() -> anyio::Task<> {
+                auto waiter_guard = co_await limiter.scoped();
+                waiter_acquired = true;
+            });
+            co_await settle();
+            CHECK_FALSE(waiter_acquired);
+            CHECK(limiter.statistics().tasks_waiting == 1);
+            guard.reset();
+            CHECK(limiter.borrowed_tokens() == 1);  // now reserved for the waiter
+            CHECK(limiter.statistics().tasks_waiting == 0);
+        });
+        CHECK(waiter_acquired);
+        CHECK(limiter.borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("Waiters get the token first in, first out", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        limiter.acquire_nowait();
+        std::vector<int> order;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            for (int i = 0; i < 10; ++i) {
+                tg.start_soon(
+                    [&](int index) -> anyio::Task<> {
+                        co_await limiter.acquire();
+                        order.push_back(index);
+                        co_await anyio::checkpoint();  // hold it across a loop turn
+                        limiter.release();
+                    },
+                    i);
+            }
+            co_await settle();
+            CHECK(limiter.statistics().tasks_waiting == 10);
+            CHECK(order.empty());
+            limiter.release();
+        });
+        CHECK(order == std::vector<int>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+        CHECK(limiter.borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("A released token is reserved for the first waiter (anyio#1170)", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        limiter.acquire_nowait();
+        std::vector<std::string> order;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await limiter.acquire();
+                order.emplace_back("waiter");
+                co_await anyio::checkpoint();
+                limiter.release();
+            });
+            co_await settle();
+            REQUIRE(limiter.statistics().tasks_waiting == 1);
+
+            limiter.release();
+            // Same loop turn: the token already belongs to the waiter, nobody can overtake.
+            CHECK(limiter.borrowed_tokens() == 1);
+            CHECK(limiter.statistics().tasks_waiting == 0);
+            CHECK_FALSE(limiter.try_acquire());
+            CHECK(thrown_message<anyio::WouldBlock>([&] { limiter.acquire_nowait(); }).has_value());
+            int other = 0;
+            CHECK_FALSE(limiter.try_acquire_on_behalf_of(&other));
+            CHECK(thrown_message<anyio::WouldBlock>([&] {
+                      limiter.acquire_on_behalf_of_nowait(&other);
+                  }).has_value());
+            CHECK(limiter.borrowed_tokens() == 1);
+
+            // The releaser queues behind the waiter.
+            co_await limiter.acquire();
+            order.emplace_back("releaser");
+            limiter.release();
+        });
+        CHECK(order == std::vector<std::string>{"waiter", "releaser"});
+        CHECK(limiter.borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("Raising the total wakes exactly as many waiters as tokens became free",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        limiter.acquire_nowait();  // total 1, borrowed 1
+        anyio::Event finish;
+        int acquired = 0;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            for (int i = 0; i < 5; ++i) {
+                tg.start_soon([&]() -> anyio::Task<> {
+                    co_await limiter.acquire();
+                    ++acquired;
+                    co_await finish.wait();
+                    limiter.release();
+                });
+            }
+            co_await settle();
+            REQUIRE(limiter.statistics().tasks_waiting == 5);
+
+            limiter.set_total_tokens(3);
+            CHECK(limiter.statistics().tasks_waiting == 3);
+            CHECK(limiter.borrowed_tokens() == 3);
+            co_await settle();
+            CHECK(acquired == 2);
+
+            // Over-subscribed: lowered below borrowed, then raised by one. Still
+            // borrowed >= total, so nobody may be woken.
+            limiter.set_total_tokens(1);
+            CHECK(limiter.borrowed_tokens() == 3);
+            limiter.set_total_tokens(2);
+            CHECK(limiter.statistics().tasks_waiting == 3);
+            CHECK(limiter.borrowed_tokens() == 3);
+            co_await settle();
+            CHECK(acquired == 2);
+
+            // A token comes back: borrowed 2, total 2, still nothing free.
+            limiter.release();
+            CHECK(limiter.borrowed_tokens() == 2);
+            CHECK(limiter.statistics().tasks_waiting == 3);
+            co_await settle();
+            CHECK(acquired == 2);
+
+            // Now total - borrowed == 1: exactly one more.
+            limiter.set_total_tokens(3);
+            CHECK(limiter.statistics().tasks_waiting == 2);
+            CHECK(limiter.borrowed_tokens() == 3);
+            co_await settle();
+            CHECK(acquired == 3);
+
+            finish.set();
+        });
+        CHECK(acquired == 5);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+    });
+}
+
+TEST_CASE("Lowering the total never takes tokens back from their holders", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(3);
+        int a = 0;
+        int b = 0;
+        int c = 0;
+        limiter.acquire_on_behalf_of_nowait(&a);
+        limiter.acquire_on_behalf_of_nowait(&b);
+        limiter.acquire_on_behalf_of_nowait(&c);
+
+        limiter.set_total_tokens(1);
+        CHECK(limiter.total_tokens() == 1);
+        CHECK(limiter.borrowed_tokens() == 3);
+        CHECK(limiter.available_tokens() == 0);
+        CHECK(sorted(limiter.statistics().borrowers) == sorted({&a, &b, &c}));
+
+        bool waiter_acquired = false;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await limiter.acquire();
+                waiter_acquired = true;
+                limiter.release();
+            });
+            co_await settle();
+            REQUIRE(limiter.statistics().tasks_waiting == 1);
+
+            limiter.release_on_behalf_of(&a);  // borrowed 2 > total 1
+            co_await settle();
+            CHECK_FALSE(waiter_acquired);
+            limiter.release_on_behalf_of(&b);  // borrowed 1 == total 1
+            co_await settle();
+            CHECK_FALSE(waiter_acquired);
+            CHECK(limiter.statistics().tasks_waiting == 1);
+            limiter.release_on_behalf_of(&c);  // borrowed 0: the waiter's turn
+            CHECK(limiter.borrowed_tokens() == 1);
+        });
+        CHECK(waiter_acquired);
+        CHECK(limiter.borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("A cancelled waiter leaves the queue and takes no token", "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        int holder = 0;
+        limiter.acquire_on_behalf_of_nowait(&holder);
+
+        anyio::CancelScope scope;
+        bool cancelled_one_acquired = false;
+        std::vector<std::string> order;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            auto waiter = [&](std::string name) -> anyio::Task<> {
+                co_await limiter.acquire();
+                order.push_back(name);
+                co_await anyio::checkpoint();
+                limiter.release();
+            };
+            tg.start_soon(waiter, "first");
+            tg.start_soon([&]() -> anyio::Task<> {
+                auto cancellable = [&]() -> anyio::Task<> {
+                    co_await limiter.acquire();
+                    cancelled_one_acquired = true;
+                    limiter.release();
+                };
+                co_await scope.run(cancellable());
+            });
+            tg.start_soon(waiter, "third");
+            co_await settle();
+            REQUIRE(limiter.statistics().tasks_waiting == 3);
+
+            scope.cancel();
+            CHECK(limiter.statistics().tasks_waiting == 2);  // unlinked at once
+            co_await settle();
+            CHECK(scope.cancelled_caught());
+            CHECK_FALSE(cancelled_one_acquired);
+            CHECK(limiter.borrowed_tokens() == 1);
+            CHECK(limiter.statistics().borrowers == std::vector<const void*>{&holder});
+
+            limiter.release_on_behalf_of(&holder);
+        });
+        CHECK(order == std::vector<std::string>{"first", "third"});
+        CHECK_FALSE(cancelled_one_acquired);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+
+        // With the queue now empty, a cancelled lone waiter leaves tasks_waiting at 0.
+        limiter.acquire_on_behalf_of_nowait(&holder);
+        anyio::CancelScope lone;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                auto acquire = [&]() -> anyio::Task<> { co_await limiter.acquire(); };
+                co_await lone.run(acquire());
+            });
+            co_await settle();
+            REQUIRE(limiter.statistics().tasks_waiting == 1);
+            lone.cancel();
+        });
+        CHECK(lone.cancelled_caught());
+        CHECK(limiter.statistics().tasks_waiting == 0);
+        CHECK(limiter.borrowed_tokens() == 1);
+        limiter.release_on_behalf_of(&holder);
+        CHECK(limiter.available_tokens() == 1);
+    });
+}
+
+TEST_CASE("A token granted to a waiter cancelled in the same turn passes to the next waiter",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        limiter.acquire_nowait();
+        anyio::CancelScope first_scope;
+        std::vector<std::string> order;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                auto first = [&]() -> anyio::Task<> {
+                    co_await limiter.acquire();
+                    order.emplace_back("first");
+                    limiter.release();
+                };
+                co_await first_scope.run(first());
+            });
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await limiter.acquire();
+                order.emplace_back("second");
+                limiter.release();
+            });
+            co_await settle();
+            REQUIRE(limiter.statistics().tasks_waiting == 2);
+
+            limiter.release();     // reserved for the first waiter...
+            first_scope.cancel();  // ...which is cancelled before it runs
+            CHECK(limiter.borrowed_tokens() == 1);
+        });
+        CHECK(first_scope.cancelled_caught());
+        CHECK(order == std::vector<std::string>{"second"});
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+        CHECK(limiter.statistics().borrowers.empty());
+    });
+}
+
+TEST_CASE("statistics reports borrowed and total tokens, borrowers and waiting tasks",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(2);
+        anyio::CapacityLimiterStatistics stats = limiter.statistics();
+        CHECK(stats.borrowed_tokens == 0);
+        CHECK(stats.total_tokens == 2);
+        CHECK(stats.borrowers.empty());
+        CHECK(stats.tasks_waiting == 0);
+
+        int a = 0;
+        int b = 0;
+        int c = 0;
+        limiter.acquire_on_behalf_of_nowait(&a);
+        co_await limiter.acquire_on_behalf_of(&b);
+        stats = limiter.statistics();
+        CHECK(stats.borrowed_tokens == 2);
+        CHECK(stats.total_tokens == 2);
+        CHECK(sorted(stats.borrowers) == sorted({&a, &b}));
+        CHECK(stats.tasks_waiting == 0);
+
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> { co_await limiter.acquire_on_behalf_of(&c); });
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await limiter.acquire();
+                limiter.release();
+            });
+            co_await settle();
+            stats = limiter.statistics();
+            CHECK(stats.borrowed_tokens == 2);
+            CHECK(sorted(stats.borrowers) == sorted({&a, &b}));  // waiters are not borrowers
+            CHECK(stats.tasks_waiting == 2);
+
+            limiter.set_total_tokens(5);
+            stats = limiter.statistics();
+            CHECK(stats.total_tokens == 5);
+            CHECK(stats.borrowed_tokens == 4);
+            CHECK(stats.tasks_waiting == 0);
+            CHECK(stats.borrowers.size() == 4);
+            CHECK(std::count(stats.borrowers.begin(), stats.borrowers.end(), &c) == 1);
+        });
+        stats = limiter.statistics();
+        CHECK(stats.borrowed_tokens == 3);
+        CHECK(sorted(stats.borrowers) == sorted({&a, &b, &c}));
+        limiter.release_on_behalf_of(&a);
+        limiter.release_on_behalf_of(&b);
+        limiter.release_on_behalf_of(&c);
+        stats = limiter.statistics();
+        CHECK(stats.borrowed_tokens == 0);
+        CHECK(stats.borrowers.empty());
+    });
+}
