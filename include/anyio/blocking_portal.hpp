@@ -2,9 +2,11 @@
 #pragma once
 
 #include <exception>
+#include <atomic>
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -80,12 +82,15 @@ public:
     /// Stops the portal: no new calls are accepted, running tasks are awaited (or cancelled
     /// first when `cancel_remaining`), and the loop thread is joined. Idempotent.
     void stop(bool cancel_remaining = false) {
-        if (!state_ || !state_->thread.joinable()) return;
-        if (std::this_thread::get_id() == state_->thread.get_id()) {
+        if (!state_) return;
+        if (std::this_thread::get_id() == state_->loop_thread_id) {
             throw std::logic_error(
                 "anyio::BlockingPortal::stop: called from the portal's own loop thread, which "
                 "cannot wait for itself; stop it from another thread");
         }
+        // Several threads may stop a portal at once: one joins, the others wait for it.
+        std::lock_guard<std::mutex> lock(state_->stop_mutex);
+        if (state_->stopped.load(std::memory_order_acquire)) return;  // acquire: see below
         try {
             from_thread::run_sync(state_->token, [state = state_.get(), cancel_remaining] {
                 state->group = nullptr;  // refuse new calls from now on
@@ -98,6 +103,7 @@ public:
             // The loop already ended (e.g. a task crashed it): just join.
         }
         state_->thread.join();
+        state_->stopped.store(true, std::memory_order_release);  // release: the join happened
     }
 
     /// A token of the portal's loop (for from_thread calls from other threads).
@@ -112,6 +118,9 @@ private:
         TaskGroup* running_group = nullptr;  // loop side
         Event stop_requested;                // loop side
         std::thread thread;
+        std::thread::id loop_thread_id;
+        std::mutex stop_mutex;
+        std::atomic<bool> stopped{false};
     };
 
     template <class R, class F, class... Args>
@@ -127,16 +136,20 @@ private:
                 node->promise.set_exception(std::make_exception_ptr(RunFinishedError()));
                 return;
             }
+            std::exception_ptr error;
             try {
                 TaskGroup* group = node->state->group;
                 Task<R> task = std::apply(node->fn, node->args);
                 group->start_soon(run_task(std::move(task), std::move(node)));
             } catch (...) {
-                if (node) node->promise.set_exception(std::current_exception());
+                error = std::current_exception();
             }
+            // Outside the catch block: the future's thread may rethrow at once.
+            if (error && node) node->promise.set_exception(std::move(error));
         }
 
         static Task<void> run_task(Task<R> task, std::unique_ptr<SpawnNode> node) {
+            std::exception_ptr error;
             try {
                 if constexpr (std::is_void_v<R>) {
                     co_await std::move(task);
@@ -148,8 +161,10 @@ private:
                     node->promise.set_value(co_await std::move(task));
                 }
             } catch (...) {
-                node->promise.set_exception(std::current_exception());
+                error = std::current_exception();
             }
+            // Outside the catch block: the future's thread may rethrow at once.
+            if (error) node->promise.set_exception(std::move(error));
         }
 
         State* state;
@@ -161,7 +176,9 @@ private:
     explicit BlockingPortal(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}
 
     const LoopToken& running_token(const char* what) const {
-        if (!state_ || !state_->thread.joinable() || state_->token.finished()) {
+        // acquire: pairs with stop()'s release store.
+        if (!state_ || state_->stopped.load(std::memory_order_acquire) ||
+            state_->token.finished()) {
             throw RunFinishedError(std::string("anyio::BlockingPortal::") + what +
                                    ": the portal has been stopped; start a new one");
         }
@@ -173,7 +190,10 @@ private:
             stop();
         } catch (...) {
             // Destroyed from its own loop thread: cannot join; detach rather than terminate.
-            if (state_ && state_->thread.joinable()) state_->thread.detach();
+            if (state_ && state_->thread.joinable() &&
+                std::this_thread::get_id() == state_->loop_thread_id) {
+                state_->thread.detach();
+            }
         }
     }
 
@@ -205,6 +225,7 @@ inline BlockingPortal start_blocking_portal(EventLoop::Options options = {}) {
         }
     });
     state->token = token.get();
+    state->loop_thread_id = state->thread.get_id();
     return BlockingPortal(std::move(state));
 }
 

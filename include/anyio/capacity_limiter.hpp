@@ -47,6 +47,7 @@ struct LimiterWaiter : ListHook<LimiterQueueTag> {
     const void* borrower_ = nullptr;  // a user borrower, or nullptr when hold_ is used
     LimiterHold* hold_ = nullptr;
     Granted granted_;
+    bool duplicate_ = false;  // its borrower got a token meanwhile through another waiter
 };
 }  // namespace detail
 
@@ -228,8 +229,12 @@ private:
             --waiting_;
             if (waiter->hold_ != nullptr) {
                 take_for(*waiter->hold_);
+            } else if (borrowers_.insert(waiter->borrower_).second) {
+                ++borrowed_;
             } else {
-                take_for(waiter->borrower_);
+                // Two tasks waited on behalf of one borrower: the second gets the usual
+                // "already holding" error, and the token goes on to the next waiter.
+                waiter->duplicate_ = true;
             }
             waiter->granted_(waiter);
         }
@@ -261,6 +266,7 @@ private:
         }
         void await_resume() {
             throw_if_cancelled();
+            if (duplicate_) limiter_->require_not_holding(borrower_);
             if (granted_after_wait_ && detail::is_cancelled(*task_)) {
                 // Cancelled in the turn the token arrived: pass it on and report the
                 // cancellation (anyio does the same).

@@ -559,12 +559,7 @@ inline void EventLoop::close_without_running() noexcept {
     while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
     // 4. Destroy the frames of tasks still alive, newest first: a child task is always newer
     //    than the task hosting its group or scope, so nothing points into a freed frame.
-    std::vector<detail::TaskState*> pinned;
     while (detail::TaskState* task = live_tasks_.pop_back()) {
-        if (task->pinned_) {
-            pinned.push_back(task);  // a detached worker may still write into it: leak it
-            continue;
-        }
         detail::destroy_frame_chain(task->frame_,
                                     static_cast<detail::RootPromise*>(task));
     }

@@ -145,10 +145,16 @@ private:
             call->finish();
             return;
         }
+        std::exception_ptr error;
         try {
             call->start(*EventLoop::current());
         } catch (...) {
-            call->result_.set_exception(std::current_exception());
+            error = std::current_exception();
+        }
+        // Release the caller only after the catch block has ended: until then this thread
+        // still references the exception object the caller is about to rethrow.
+        if (error) {
+            call->result_.set_exception(std::move(error));
             call->finish();
         }
     }

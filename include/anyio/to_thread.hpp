@@ -132,8 +132,15 @@ public:
           service_(&service("to_thread::run_sync")),
           limiter_(options.limiter != nullptr ? options.limiter : &service_->default_limiter()),
           abandon_on_cancel_(options.abandon_on_cancel) {
-        if (abandon_on_cancel_) {
+        // The job lives in this awaiter (no allocation) unless a worker may outlive the
+        // awaiting frame: after abandon_on_cancel, or when the loop may detach busy workers
+        // at shutdown (shutdown_timeout). Then it is a heap block the worker can own.
+        if (abandon_on_cancel_ || anyio::detail::running_loop("to_thread::run_sync")
+                                      .options()
+                                      .shutdown_timeout.has_value()) {
             job_ = new JobType(true, std::forward<Fn>(fn), std::forward<As>(args)...);
+            owns_heap_job_ = true;
+            job_->awaiter_owns_ = &owns_heap_job_;
         } else {
             job_ = &inline_job_.emplace(false, std::forward<Fn>(fn), std::forward<As>(args)...);
         }
@@ -143,7 +150,7 @@ public:
     RunSyncAwaiter& operator=(const RunSyncAwaiter&) = delete;
     ~RunSyncAwaiter() {
         if (phase_ == Phase::waiting_for_token) limiter_->dequeue(*this);
-        if (abandon_on_cancel_ && phase_ != Phase::abandoned && !job_->orphaned_) delete job_;
+        if (owns_heap_job_) delete job_;
     }
 
     bool await_ready() const noexcept { return false; }
@@ -222,6 +229,8 @@ private:
     /// until fn returns, and is freed on the loop when its completion arrives.
     void abandon() {
         job_->abandoned_ = true;
+        job_->awaiter_owns_ = nullptr;
+        owns_heap_job_ = false;
         job_->host_ = nullptr;
         job_->host_scope_ = nullptr;
         if (CancelScope* call_scope = job_->call_scope_) {
@@ -242,6 +251,7 @@ private:
     std::optional<JobType> inline_job_;  // the job, in the default (shielded) mode
     anyio::detail::TaskState* task_ = nullptr;
     bool abandon_on_cancel_;
+    bool owns_heap_job_ = false;  // a heap job this awaiter frees (until abandoned/orphaned)
     Phase phase_ = Phase::created;
 };
 

@@ -55,7 +55,6 @@ public:
     void* owner_ = nullptr;
     std::exception_ptr error_;           // set when the outcome is failed or cancelled
     Outcome outcome_ = Outcome::running;
-    bool pinned_ = false;  // a detached worker may still write into this task's frame
 };
 
 }  // namespace anyio::detail

@@ -176,11 +176,15 @@ private:
     /// keep whatever the worker may still write into alive, and let the thread go.
     void abandon_worker(WorkerThread& worker) noexcept {
         JobBase* job = worker.job();
+        // Jobs are on the heap whenever a shutdown timeout is set (to_thread.hpp), so the
+        // worker can own this one from now on and the awaiting frame can be destroyed.
         job->orphaned_ = true;
+        if (job->awaiter_owns_ != nullptr) {
+            *job->awaiter_owns_ = false;
+            job->awaiter_owns_ = nullptr;
+        }
         CapacityLimiter::forget_hold(job->hold_);
         loop_->remote_work_finished();
-        // A job in a coroutine frame: the frame must outlive the worker, so it is leaked.
-        if (job->destroy_ == nullptr && job->host_ != nullptr) job->host_->pinned_ = true;
         worker.request_stop();
         if (!worker.detach()) delete &worker;  // it finished in the meantime
     }

@@ -56,6 +56,7 @@ struct JobBase : Runnable {
     std::coroutine_handle<> resume_;
     CancelScope* host_scope_ = nullptr;  // where from_thread::run tasks are started
     CancelScope* call_scope_ = nullptr;  // scope of a from_thread::run in progress
+    bool* awaiter_owns_ = nullptr;     // heap job: the awaiter's "I free it" flag, if it still does
     bool abandoned_ = false;           // the caller gave up (abandon_on_cancel)
     bool orphaned_ = false;            // the loop shut down and detached the worker
     // Set on the loop when the caller is cancelled; read by from_thread::check_cancelled.
