@@ -149,22 +149,7 @@ private:
         }
 
         static Task<void> run_task(Task<R> task, std::unique_ptr<SpawnNode> node) {
-            std::exception_ptr error;
-            try {
-                if constexpr (std::is_void_v<R>) {
-                    co_await std::move(task);
-                    node->promise.set_value();
-                } else if constexpr (std::is_reference_v<R>) {
-                    R value = co_await std::move(task);
-                    node->promise.set_value(value);
-                } else {
-                    node->promise.set_value(co_await std::move(task));
-                }
-            } catch (...) {
-                error = std::current_exception();
-            }
-            // Outside the catch block: the future's thread may rethrow at once.
-            if (error) node->promise.set_exception(std::move(error));
+            co_await detail::deliver_result(std::move(task), &node->promise);
         }
 
         State* state;

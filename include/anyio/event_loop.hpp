@@ -404,19 +404,6 @@ inline std::timespec to_timespec(std::chrono::steady_clock::duration d) noexcept
     return ts;
 }
 
-template <class T>
-Task<void> deliver_result(Task<T> task, Result<T>* out) {
-    if constexpr (std::is_void_v<T>) {
-        co_await std::move(task);
-        out->set_value();
-    } else if constexpr (std::is_reference_v<T>) {
-        T value = co_await std::move(task);
-        out->set_value(value);
-    } else {
-        out->set_value(co_await std::move(task));
-    }
-}
-
 /// The error thrown by loop primitives used on a thread with no running loop.
 inline EventLoop& running_loop(const char* what) {
     EventLoop* loop = EventLoop::current();

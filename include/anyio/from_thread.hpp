@@ -195,19 +195,7 @@ private:
                 call->finish();
             }
         } finisher{call};
-        try {
-            if constexpr (std::is_void_v<R>) {
-                co_await std::move(task);
-                call->result_.set_value();
-            } else if constexpr (std::is_reference_v<R>) {
-                R value = co_await std::move(task);
-                call->result_.set_value(value);
-            } else {
-                call->result_.set_value(co_await std::move(task));
-            }
-        } catch (...) {
-            call->result_.set_exception(std::current_exception());
-        }
+        co_await anyio::detail::deliver_result(std::move(task), &call->result_);
     }
 
     anyio::detail::JobBase* job_;

@@ -210,6 +210,31 @@ inline Task<void> TaskPromise<void>::get_return_object() noexcept {
     return Task<void>{std::coroutine_handle<TaskPromise<void>>::from_promise(*this)};
 }
 
+/// Awaits `task` and stores how it ended (a value, a reference, nothing, or an exception) in
+/// `sink`: a detail::Result or a std::promise (the same set_value/set_exception shape).
+/// Never throws, so the task running it always completes.
+template <class T, class Sink>
+Task<void> deliver_result(Task<T> task, Sink* sink) {
+    std::exception_ptr error;
+    try {
+        if constexpr (std::is_void_v<T>) {
+            co_await std::move(task);
+            sink->set_value();
+        } else if constexpr (std::is_reference_v<T>) {
+            T value = co_await std::move(task);
+            sink->set_value(value);
+        } else {
+            sink->set_value(co_await std::move(task));
+        }
+        co_return;
+    } catch (...) {
+        error = std::current_exception();
+    }
+    // Stored after the catch block has ended: another thread may rethrow it at once, and the
+    // handler still references the exception object until then.
+    sink->set_exception(std::move(error));
+}
+
 template <class>
 inline constexpr bool is_task_v = false;
 template <class T>

@@ -113,7 +113,9 @@ public:
         // relaxed: only the loop reads this for decisions; producers only compare to running.
         park_state_.store(running, std::memory_order_relaxed);
     }
-    void unparked() noexcept { park_state_.store(running, std::memory_order_relaxed); }
+    void unparked() noexcept {
+        park_state_.store(running, std::memory_order_relaxed);  // relaxed: as in park_on_futex
+    }
 
     /// Empties the eventfd after the poller reported it readable (loop thread).
     void drain_event_fd() noexcept {

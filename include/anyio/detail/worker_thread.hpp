@@ -117,7 +117,7 @@ public:
     void request_stop() noexcept {
         // release: a worker that sees the flag after a job also sees the reason for it.
         stop_requested_.store(true, std::memory_order_release);
-        std::uint32_t state = state_.load(std::memory_order_acquire);
+        std::uint32_t state = state_.load(std::memory_order_acquire);  // acquire: as in give()
         // A job handed over but not yet taken stays: the worker checks the flag after it.
         while (state == empty || state == sleeping) {
             // acq_rel: as in give(); the CAS keeps a concurrent take of a job intact.
