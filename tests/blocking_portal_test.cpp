@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 // Tests for anyio::BlockingPortal (include/anyio/blocking_portal.hpp): an event loop on a
 // thread of its own that plain threads call coroutines and loop code through.
@@ -35,16 +36,9 @@
 // returning, a future, a join).
 
 using namespace std::chrono_literals;
+using namespace anyio_test;
 
 namespace {
-
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-#define ANYIO_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-#define ANYIO_TEST_SANITIZED 1
-#endif
-#endif
 
 #if defined(ANYIO_TEST_SANITIZED)
 constexpr int stress_calls_per_thread = 2500;  // about 1.5 s at the full count under TSan
@@ -53,49 +47,6 @@ constexpr int stress_calls_per_thread = 10000;
 #endif
 
 using Clock = std::chrono::steady_clock;
-
-// An exception type that does not derive from std::exception.
-struct Boom {
-    int code;
-};
-
-struct CustomError : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-
-// Runs `fn` and names how it ended, so that other threads can record it for the main thread.
-template <class F>
-std::string outcome_of(F&& fn) {
-    try {
-        std::forward<F>(fn)();
-        return "returned";
-    } catch (const anyio::Cancelled&) {
-        return "Cancelled";
-    } catch (const anyio::RunFinishedError&) {
-        return "RunFinishedError";
-    } catch (const anyio::NoEventLoopError&) {
-        return "NoEventLoopError";
-    } catch (const std::logic_error&) {
-        return "std::logic_error";
-    } catch (const Boom& boom) {
-        return "Boom " + std::to_string(boom.code);
-    } catch (const CustomError& error) {
-        return std::string("CustomError: ") + error.what();
-    } catch (const std::exception& error) {
-        return std::string("std::exception: ") + error.what();
-    } catch (...) {
-        return "unknown exception";
-    }
-}
-
-std::size_t thread_count() {
-    std::size_t count = 0;
-    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
-        (void)entry;
-        ++count;
-    }
-    return count;
-}
 
 std::vector<std::string> thread_names() {
     std::vector<std::string> names;
@@ -135,33 +86,6 @@ std::string current_thread_name() {
     char name[32] = {};
     ::pthread_getname_np(::pthread_self(), name, sizeof name);
     return name;
-}
-
-anyio::Task<int> add_on_loop(int a, int b, std::thread::id* ran_on) {
-    if (ran_on != nullptr) *ran_on = std::this_thread::get_id();
-    co_await anyio::checkpoint();  // a real loop primitive: this is a task of the portal's loop
-    co_await anyio::sleep(1ms);
-    co_return a + b;
-}
-
-anyio::Task<int> throw_boom(int code) {
-    co_await anyio::checkpoint();
-    throw Boom{code};
-}
-
-anyio::Task<int> throw_custom(std::string message) {
-    co_await anyio::checkpoint();
-    throw CustomError(message);
-}
-
-anyio::Task<int&> reference_to(int& object) {
-    co_await anyio::checkpoint();
-    co_return object;
-}
-
-anyio::Task<std::unique_ptr<int>> make_owned(int value) {
-    co_await anyio::checkpoint();
-    co_return std::make_unique<int>(value);
 }
 
 anyio::Task<std::string> concatenate(std::string a, const std::string& b) {

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 // Tests of anyio::CancelScope, move_on_after and fail_after (API.md, "Cancellation").
 //
@@ -28,12 +29,10 @@
 namespace {
 
 using namespace std::chrono_literals;
+using namespace anyio_test;
 using Clock = std::chrono::steady_clock;
 using anyio::CancelScope;
 using anyio::Task;
-
-constexpr auto forever = 10s;        // a wait that a passing test never sits out
-constexpr auto prompt_bound = 2s;    // generous bound for "at once"
 
 static_assert(!std::is_base_of_v<std::exception, anyio::Cancelled>,
               "anyio::Cancelled must not derive from std::exception");
@@ -83,11 +82,6 @@ Task<int> compute_without_checkpoint(int n) {
     for (int i = 1; i <= n; ++i) sum += co_await value_now(i);
     co_return sum;
 }
-
-struct Stopwatch {
-    Clock::time_point start = Clock::now();
-    [[nodiscard]] Clock::duration elapsed() const { return Clock::now() - start; }
-};
 
 }  // namespace
 

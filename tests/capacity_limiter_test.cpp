@@ -8,7 +8,6 @@
 #include <anyio/task_group.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -18,24 +17,13 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 namespace {
 
-using namespace std::chrono_literals;
-
-// Every test body runs under this deadline, so a limiter that never grants a token fails the
-// test instead of hanging it.
-constexpr auto test_timeout = 20s;
-
-template <class Body>
-void run_loop(Body body) {
-    anyio::run(anyio::fail_after(test_timeout, body()));
-}
-
-// Lets the loop run what is ready (children just started, waiters just granted) a few times.
-anyio::Task<> settle(int turns = 4) {
-    for (int i = 0; i < turns; ++i) co_await anyio::checkpoint();
-}
+// Every test body runs under run_loop's deadline (anyio_test::test_timeout), so a limiter that
+// never grants a token fails the test instead of hanging it.
+using namespace anyio_test;
 
 // The message of the `E` that `fn()` throws, or nothing if it throws nothing. Any other
 // exception escapes and fails the test.

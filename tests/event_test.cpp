@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 // Tests for include/anyio/event.hpp: sleep, sleep_until, checkpoint, current_time and Event,
 // including cancellation of waiters and the timer bookkeeping of cancelled sleeps.
@@ -65,14 +66,6 @@ void operator delete(void* p, std::size_t) noexcept { counted_free(p); }
 void operator delete[](void* p, std::size_t) noexcept { counted_free(p); }
 void operator delete(void* p, const std::nothrow_t&) noexcept { counted_free(p); }
 void operator delete[](void* p, const std::nothrow_t&) noexcept { counted_free(p); }
-
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define ANYIO_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define ANYIO_TEST_SANITIZED 1
-#endif
-#endif
 
 namespace {
 

@@ -18,10 +18,12 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 // Tests for anyio::from_thread (include/anyio/from_thread.hpp): calling back into the loop
 // from worker threads (to_thread::run_sync) and, with a LoopToken, from any thread; the error
@@ -32,16 +34,9 @@
 // are checked after a synchronising step (the run_sync completion, a join, a future).
 
 using namespace std::chrono_literals;
+using namespace anyio_test;
 
 namespace {
-
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-#define ANYIO_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
-#define ANYIO_TEST_SANITIZED 1
-#endif
-#endif
 
 #if defined(ANYIO_TEST_SANITIZED)
 constexpr int stress_calls_per_worker = 1000;
@@ -51,67 +46,6 @@ constexpr int stress_calls_per_worker = 2000;
 
 using Clock = std::chrono::steady_clock;
 
-// An exception type that does not derive from std::exception.
-struct Boom {
-    int code;
-};
-
-struct CustomError : std::runtime_error {
-    using std::runtime_error::runtime_error;
-};
-
-// Runs `fn` and names how it ended, so that other threads can record it for the main thread.
-template <class F>
-std::string outcome_of(F&& fn) {
-    try {
-        std::forward<F>(fn)();
-        return "returned";
-    } catch (const anyio::Cancelled&) {
-        return "Cancelled";
-    } catch (const anyio::RunFinishedError&) {
-        return "RunFinishedError";
-    } catch (const anyio::NoEventLoopError&) {
-        return "NoEventLoopError";
-    } catch (const std::logic_error&) {
-        return "std::logic_error";
-    } catch (const Boom& boom) {
-        return "Boom " + std::to_string(boom.code);
-    } catch (const CustomError& error) {
-        return std::string("CustomError: ") + error.what();
-    } catch (const std::exception& error) {
-        return std::string("std::exception: ") + error.what();
-    } catch (...) {
-        return "unknown exception";
-    }
-}
-
-anyio::Task<int> add_on_loop(int a, int b, std::thread::id* ran_on) {
-    *ran_on = std::this_thread::get_id();
-    co_await anyio::checkpoint();  // a real loop primitive: this is a task of the loop
-    co_await anyio::sleep(1ms);
-    co_return a + b;
-}
-
-anyio::Task<int> throw_boom(int code) {
-    co_await anyio::checkpoint();
-    throw Boom{code};
-}
-
-anyio::Task<int> throw_custom(std::string message) {
-    co_await anyio::checkpoint();
-    throw CustomError(message);
-}
-
-anyio::Task<int&> reference_to(int& object) {
-    co_await anyio::checkpoint();
-    co_return object;
-}
-
-anyio::Task<std::unique_ptr<int>> make_owned(int value) {
-    co_await anyio::checkpoint();
-    co_return std::make_unique<int>(value);
-}
-
 anyio::Task<std::string> concatenate(std::string a, const std::string& b) {
     co_await anyio::checkpoint();
     co_return a + b;
@@ -120,6 +54,15 @@ anyio::Task<std::string> concatenate(std::string a, const std::string& b) {
 anyio::Task<> set_flag(bool& flag) {
     co_await anyio::checkpoint();
     flag = true;
+}
+
+// Runs anyio::run with a main task that offloads `fn` to a worker thread (to_thread::run_sync)
+// and returns what `fn` returned, once run() has.
+template <class F>
+auto run_in_worker(F fn) {
+    return anyio::run([&fn]() -> anyio::Task<std::invoke_result_t<F&>> {
+        co_return co_await anyio::to_thread::run_sync(fn);
+    });
 }
 
 }  // namespace
@@ -135,12 +78,10 @@ TEST_CASE("from_thread::run runs a coroutine as a task on the loop thread and re
     std::thread::id coroutine_thread;
     int from_worker = 0;
     int awaited = 0;
-    anyio::run([&]() -> anyio::Task<> {
-        awaited = co_await anyio::to_thread::run_sync([&] {
-            worker_thread = std::this_thread::get_id();
-            from_worker = anyio::from_thread::run(add_on_loop, 20, 22, &coroutine_thread);
-            return from_worker + 1;
-        });
+    awaited = run_in_worker([&] {
+        worker_thread = std::this_thread::get_id();
+        from_worker = anyio::from_thread::run(add_on_loop, 20, 22, &coroutine_thread);
+        return from_worker + 1;
     });
     CHECK(from_worker == 42);
     CHECK(awaited == 43);
@@ -155,17 +96,15 @@ TEST_CASE("from_thread::run yields references, move-only values and void", "[fro
     int owned_value = 0;
     bool flag = false;
     std::string joined;
-    anyio::run([&]() -> anyio::Task<> {
-        co_await anyio::to_thread::run_sync([&] {
-            int& ref = anyio::from_thread::run(reference_to, target);
-            address = &ref;
-            ref = 6;
-            std::unique_ptr<int> owned = anyio::from_thread::run(make_owned, 77);
-            owned_value = owned ? *owned : -1;
-            anyio::from_thread::run(set_flag, flag);
-            std::string suffix = "def";
-            joined = anyio::from_thread::run(concatenate, std::string("abc"), suffix);
-        });
+    run_in_worker([&] {
+        int& ref = anyio::from_thread::run(reference_to, target);
+        address = &ref;
+        ref = 6;
+        std::unique_ptr<int> owned = anyio::from_thread::run(make_owned, 77);
+        owned_value = owned ? *owned : -1;
+        anyio::from_thread::run(set_flag, flag);
+        std::string suffix = "def";
+        joined = anyio::from_thread::run(concatenate, std::string("abc"), suffix);
     });
     CHECK(address == &target);
     CHECK(target == 6);
@@ -208,24 +147,22 @@ TEST_CASE("from_thread::run_sync runs a function on the loop thread and returns 
     int owned_value = 0;
     bool void_ran = false;
     std::string text;
-    anyio::run([&]() -> anyio::Task<> {
-        co_await anyio::to_thread::run_sync([&] {
-            sum = anyio::from_thread::run_sync(
-                [&](int a, int b) {
-                    ran_on = std::this_thread::get_id();
-                    return a + b;
-                },
-                40, 2);
-            int& ref = anyio::from_thread::run_sync([&]() -> int& { return target; });
-            address = &ref;
-            std::unique_ptr<int> owned =
-                anyio::from_thread::run_sync([] { return std::make_unique<int>(9); });
-            owned_value = owned ? *owned : -1;
-            anyio::from_thread::run_sync([&] { void_ran = true; });
-            const std::string prefix = "x";
-            text = anyio::from_thread::run_sync(
-                [](const std::string& p, int n) { return p + std::to_string(n); }, prefix, 3);
-        });
+    run_in_worker([&] {
+        sum = anyio::from_thread::run_sync(
+            [&](int a, int b) {
+                ran_on = std::this_thread::get_id();
+                return a + b;
+            },
+            40, 2);
+        int& ref = anyio::from_thread::run_sync([&]() -> int& { return target; });
+        address = &ref;
+        std::unique_ptr<int> owned =
+            anyio::from_thread::run_sync([] { return std::make_unique<int>(9); });
+        owned_value = owned ? *owned : -1;
+        anyio::from_thread::run_sync([&] { void_ran = true; });
+        const std::string prefix = "x";
+        text = anyio::from_thread::run_sync(
+            [](const std::string& p, int n) { return p + std::to_string(n); }, prefix, 3);
     });
     CHECK(sum == 42);
     CHECK(ran_on == loop_thread);
@@ -240,14 +177,12 @@ TEST_CASE("from_thread::run_sync rethrows the function's exception in the worker
     std::string boom;
     std::string custom;
     std::string after;
-    anyio::run([&]() -> anyio::Task<> {
-        co_await anyio::to_thread::run_sync([&] {
-            boom = outcome_of([] { anyio::from_thread::run_sync([] { throw Boom{3}; }); });
-            custom = outcome_of(
-                [] { anyio::from_thread::run_sync([]() -> int { throw CustomError("sync"); }); });
-            // The loop is unharmed: the next call works.
-            after = std::to_string(anyio::from_thread::run_sync([] { return 5; }));
-        });
+    run_in_worker([&] {
+        boom = outcome_of([] { anyio::from_thread::run_sync([] { throw Boom{3}; }); });
+        custom = outcome_of(
+            [] { anyio::from_thread::run_sync([]() -> int { throw CustomError("sync"); }); });
+        // The loop is unharmed: the next call works.
+        after = std::to_string(anyio::from_thread::run_sync([] { return 5; }));
     });
     CHECK(boom == "Boom 3");
     CHECK(custom == "CustomError: sync");
@@ -347,15 +282,13 @@ TEST_CASE("from_thread calls without a token throw NoEventLoopError on a thread 
     // A thread started by a worker is not a worker itself.
     std::string nested_run_sync;
     std::string nested_check;
-    anyio::run([&]() -> anyio::Task<> {
-        co_await anyio::to_thread::run_sync([&] {
-            std::thread inner([&] {
-                nested_run_sync =
-                    outcome_of([&] { anyio::from_thread::run_sync([&] { ran = true; }); });
-                nested_check = outcome_of([] { anyio::from_thread::check_cancelled(); });
-            });
-            inner.join();
+    run_in_worker([&] {
+        std::thread inner([&] {
+            nested_run_sync =
+                outcome_of([&] { anyio::from_thread::run_sync([&] { ran = true; }); });
+            nested_check = outcome_of([] { anyio::from_thread::check_cancelled(); });
         });
+        inner.join();
     });
     CHECK(nested_run_sync == "NoEventLoopError");
     CHECK(nested_check == "NoEventLoopError");

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 // Tests of anyio::task_group / anyio::TaskGroup (API.md, "Structured concurrency").
 //
@@ -30,14 +31,10 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 using anyio::Task;
 using anyio::TaskGroup;
-
-constexpr auto forever = 10s;
-constexpr auto prompt_bound = 2s;
-
-struct Stopwatch {
-    Clock::time_point start = Clock::now();
-    [[nodiscard]] Clock::duration elapsed() const { return Clock::now() - start; }
-};
+// Named one by one, not `using namespace anyio_test`: this file has a CustomError of its own.
+using anyio_test::forever;
+using anyio_test::prompt_bound;
+using anyio_test::Stopwatch;
 
 /// An error type that does not derive from std::exception.
 struct NotStd {

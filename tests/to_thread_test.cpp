@@ -13,7 +13,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <future>
@@ -31,25 +30,23 @@
 #include <unistd.h>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
+using namespace anyio_test;
 using anyio::to_thread::run_sync;
 using anyio::to_thread::RunSyncOptions;
 using Clock = std::chrono::steady_clock;
 
-// Every test body runs under this deadline, so a call that never completes fails the test
-// rather than hanging it (unless a worker is blocked for good: gates below time out too).
-constexpr auto test_timeout = 20s;
+// Every test body runs under run_loop's deadline (anyio_test::test_timeout), so a call that
+// never completes fails the test rather than hanging it (unless a worker is blocked for good:
+// gates below time out too).
+
 // How long a blocking function waits for a gate the test forgot to open (a safety valve:
 // tests always open their gates; this only keeps a failing test from hanging).
 constexpr auto safety_timeout = 10s;
-
-template <class Body>
-void run_loop(Body body, anyio::EventLoop::Options options = {}) {
-    anyio::run(anyio::fail_after(test_timeout, body()), options);
-}
 
 // A one-shot gate that blocking functions wait on until the test opens it. Workers hold
 // copies of the shared future, so the gate may go away while they still wait; destroying it
@@ -102,6 +99,36 @@ private:
     anyio::Event event_;
 };
 
+// Starts `count` children in `tg`, each offloading a call (default options) that notifies
+// `running` from its worker and then blocks that worker until `gate` opens.
+void start_blocked_calls(anyio::TaskGroup& tg, int count, const Gate& gate, Signal& running) {
+    for (int i = 0; i < count; ++i) {
+        tg.start_soon([&gate, &running]() -> anyio::Task<> {
+            co_await run_sync([&running](std::shared_future<void> release) {
+                running.notify();
+                wait_for_gate(release);
+            }, gate.future());
+        });
+    }
+}
+
+// Keeps `count` workers busy at once: offloads `count` blocked calls, waits until all of them
+// run, calls `while_busy()` and then lets them return.
+template <class F>
+anyio::Task<> occupy_workers(int count, F while_busy) {
+    Gate gate;
+    Signal all_running(count);
+    co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+        start_blocked_calls(tg, count, gate, all_running);
+        const bool all_running_notified = co_await all_running.wait();
+        CHECK(all_running_notified);
+        while_busy();
+        gate.open();
+    });
+}
+
+anyio::Task<> occupy_workers(int count) { return occupy_workers(count, [] {}); }
+
 // Waits (on the loop, at most `limit`) for an Event set by another task.
 anyio::Task<bool> wait_event(anyio::Event& event, std::chrono::milliseconds limit = 5000ms) {
     auto wait = [](anyio::Event& e) -> anyio::Task<> { co_await e.wait(); };
@@ -121,27 +148,13 @@ anyio::Task<bool> eventually(Predicate done, std::chrono::milliseconds limit = 5
     co_return true;
 }
 
-// Lets the loop run what is ready (children just started, waiters just granted) a few times.
-anyio::Task<> settle(int turns = 4) {
-    for (int i = 0; i < turns; ++i) co_await anyio::checkpoint();
-}
-
-std::size_t count_threads() {
-    std::size_t count = 0;
-    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
-        (void)entry;
-        ++count;
-    }
-    return count;
-}
-
 // A joined thread can stay listed in /proc for a moment while the kernel reaps it.
 bool thread_count_returns_to(std::size_t expected) {
     for (int i = 0; i < 1000; ++i) {
-        if (count_threads() == expected) return true;
+        if (thread_count() == expected) return true;
         std::this_thread::sleep_for(1ms);
     }
-    return count_threads() == expected;
+    return thread_count() == expected;
 }
 
 std::string current_thread_comm() {
@@ -483,14 +496,7 @@ TEST_CASE("Raising the default limiter's total at run time admits waiting calls 
         Gate gate;
         Signal all_running(3);
         co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
-            for (int i = 0; i < 3; ++i) {
-                tg.start_soon([&]() -> anyio::Task<> {
-                    co_await run_sync([&all_running](std::shared_future<void> release) {
-                        all_running.notify();
-                        wait_for_gate(release);
-                    }, gate.future());
-                });
-            }
+            start_blocked_calls(tg, 3, gate, all_running);
             co_await settle();
             CHECK(limiter.statistics().tasks_waiting == 2);
             CHECK(pool_stats().busy_workers == 1);
@@ -636,23 +642,7 @@ TEST_CASE("Idle workers are stopped after max_idle_time with no further traffic"
     std::atomic<int> stopped{0};
     run_loop(
         [&]() -> anyio::Task<> {
-            {
-                Gate gate;
-                Signal all_running(4);
-                co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
-                    for (int i = 0; i < 4; ++i) {
-                        tg.start_soon([&]() -> anyio::Task<> {
-                            co_await run_sync([&all_running](std::shared_future<void> release) {
-                                all_running.notify();
-                                wait_for_gate(release);
-                            }, gate.future());
-                        });
-                    }
-                    const bool all_running_notified = co_await all_running.wait();
-                    CHECK(all_running_notified);
-                    gate.open();
-                });
-            }
+            co_await occupy_workers(4);
             CHECK(pool_stats().threads_created == 4);
             // No more calls: the loop must reap the idle workers on its own.
             bool reaped = co_await eventually(
@@ -674,29 +664,12 @@ TEST_CASE("Idle workers are stopped after max_idle_time with no further traffic"
 TEST_CASE("Leaving run stops and joins every worker thread", "[to_thread]") {
     // Warm-up: ThreadSanitizer starts a helper thread of its own; count from after it.
     run_loop([]() -> anyio::Task<> { co_await run_sync([] {}); });
-    const std::size_t baseline = count_threads();
+    const std::size_t baseline = thread_count();
     std::size_t while_running = 0;
     std::atomic<int> stopped{0};
     run_loop(
         [&]() -> anyio::Task<> {
-            Gate gate;
-            Signal all_running(4);
-            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
-                for (int i = 0; i < 4; ++i) {
-                    tg.start_soon([&]() -> anyio::Task<> {
-                        co_await run_sync(
-                            [&all_running](std::shared_future<void> release) {
-                                all_running.notify();
-                                wait_for_gate(release);
-                            },
-                            gate.future());
-                    });
-                }
-                const bool all_running_notified = co_await all_running.wait();
-                CHECK(all_running_notified);
-                while_running = count_threads();
-                gate.open();
-            });
+            co_await occupy_workers(4, [&] { while_running = thread_count(); });
             CHECK(pool_stats().idle_workers == 4);  // default max_idle_time: still alive
         },
         // Slow to stop: a worker that is not joined would still be in here when run returns.
@@ -1093,7 +1066,7 @@ TEST_CASE("With abandon_on_cancel the caller leaves at once and fn keeps its tok
 TEST_CASE("Leaving run with shutdown_timeout detaches a worker still running an abandoned fn",
           "[to_thread]") {
     run_loop([]() -> anyio::Task<> { co_await run_sync([] {}); });  // warm-up, see above
-    const std::size_t baseline = count_threads();
+    const std::size_t baseline = thread_count();
 
     Gate gate;  // opened only after run() has returned
     std::promise<void> fn_finished;

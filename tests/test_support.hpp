@@ -1,0 +1,154 @@
+// Helpers shared by several tests/*_test.cpp files: each test includes its own header under
+// test first, then this one, and takes the names with `using namespace anyio_test;` (or, where
+// the file has a helper of the same name, such as task_group_test's own CustomError, with
+// using-declarations for the ones it needs). Header-only; not a test target (tests/CMakeLists.txt
+// globs only *_test.cpp).
+#pragma once
+
+#include <anyio/cancel_scope.hpp>
+#include <anyio/errors.hpp>
+#include <anyio/event.hpp>
+#include <anyio/event_loop.hpp>
+#include <anyio/task.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <filesystem>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+
+// Defined when the tests are built with ThreadSanitizer or AddressSanitizer (g++ defines
+// __SANITIZE_*__, clang answers __has_feature), so stress tests can do fewer iterations.
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define ANYIO_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define ANYIO_TEST_SANITIZED 1
+#endif
+#endif
+
+namespace anyio_test {
+
+// ---------------------------------------------------------------------------------------------
+// Errors, and naming how a call ended (blocking_portal_test, from_thread_test)
+// ---------------------------------------------------------------------------------------------
+
+// An exception type that does not derive from std::exception.
+struct Boom {
+    int code;
+};
+
+struct CustomError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Runs `fn` and names how it ended, so that other threads can record it for the main thread.
+template <class F>
+std::string outcome_of(F&& fn) {
+    try {
+        std::forward<F>(fn)();
+        return "returned";
+    } catch (const anyio::Cancelled&) {
+        return "Cancelled";
+    } catch (const anyio::RunFinishedError&) {
+        return "RunFinishedError";
+    } catch (const anyio::NoEventLoopError&) {
+        return "NoEventLoopError";
+    } catch (const std::logic_error&) {
+        return "std::logic_error";
+    } catch (const Boom& boom) {
+        return "Boom " + std::to_string(boom.code);
+    } catch (const CustomError& error) {
+        return std::string("CustomError: ") + error.what();
+    } catch (const std::exception& error) {
+        return std::string("std::exception: ") + error.what();
+    } catch (...) {
+        return "unknown exception";
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Coroutines that other threads run on a loop (blocking_portal_test, from_thread_test). Each
+// reaches a real loop primitive first, so it runs as a task of the loop it was started on.
+// ---------------------------------------------------------------------------------------------
+
+// Records the thread it ran on in `*ran_on` (if not null) and yields a + b after a short sleep.
+inline anyio::Task<int> add_on_loop(int a, int b, std::thread::id* ran_on) {
+    if (ran_on != nullptr) *ran_on = std::this_thread::get_id();
+    co_await anyio::checkpoint();
+    co_await anyio::sleep(std::chrono::milliseconds(1));
+    co_return a + b;
+}
+
+inline anyio::Task<int> throw_boom(int code) {
+    co_await anyio::checkpoint();
+    throw Boom{code};
+}
+
+inline anyio::Task<int> throw_custom(std::string message) {
+    co_await anyio::checkpoint();
+    throw CustomError(message);
+}
+
+inline anyio::Task<int&> reference_to(int& object) {
+    co_await anyio::checkpoint();
+    co_return object;
+}
+
+inline anyio::Task<std::unique_ptr<int>> make_owned(int value) {
+    co_await anyio::checkpoint();
+    co_return std::make_unique<int>(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a test body on a loop (capacity_limiter_test, to_thread_test)
+// ---------------------------------------------------------------------------------------------
+
+// Every body run_loop runs is under this deadline, so a call that never completes (a token
+// never granted, a worker never answering) fails the test instead of hanging it.
+inline constexpr std::chrono::seconds test_timeout{20};
+
+template <class Body>
+void run_loop(Body body, anyio::EventLoop::Options options = {}) {
+    anyio::run(anyio::fail_after(test_timeout, body()), options);
+}
+
+// Lets the loop run what is ready (children just started, waiters just granted) a few times.
+inline anyio::Task<> settle(int turns = 4) {
+    for (int i = 0; i < turns; ++i) co_await anyio::checkpoint();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing (cancel_scope_test, task_group_test). Checks are one-sided and generous: a test sleeps
+// `forever` where it would hang if a cancellation did not arrive, and checks that it took
+// less than `prompt_bound`.
+// ---------------------------------------------------------------------------------------------
+
+inline constexpr std::chrono::seconds forever{10};     // a wait a passing test never sits out
+inline constexpr std::chrono::seconds prompt_bound{2};  // generous bound for "at once"
+
+struct Stopwatch {
+    std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+    [[nodiscard]] std::chrono::steady_clock::duration elapsed() const {
+        return std::chrono::steady_clock::now() - start;
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Threads of this process (blocking_portal_test, to_thread_test)
+// ---------------------------------------------------------------------------------------------
+
+// How many threads this process has now, as listed in /proc/self/task.
+inline std::size_t thread_count() {
+    std::size_t count = 0;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+        (void)entry;
+        ++count;
+    }
+    return count;
+}
+
+}  // namespace anyio_test
