@@ -29,18 +29,10 @@ cd "$ROOT"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
     cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DANYIO_BUILD_TESTS=OFF -DANYIO_BUILD_EXAMPLES=OFF
-    if ! cmake --build "$BUILD"; then
-        # Another benchmark may be broken right now; ours may still build on their own.
-        echo "run.sh: full build failed; building only the offload benchmarks" >&2
-        targets=(offload_bench call_soon_threadsafe_bench)
-        for t in asio_offload libuv_offload; do
-            if cmake --build "$BUILD" --target help | grep -q "^$t:"; then targets+=("$t"); fi
-        done
-        cmake --build "$BUILD" --target "${targets[@]}"
-    fi
+    cmake --build "$BUILD"
 fi
 
-for required in offload_bench call_soon_threadsafe_bench; do
+for required in offload_bench call_soon_threadsafe_bench from_thread_bench; do
     if [[ ! -x "$BIN/$required" ]]; then
         echo "run.sh: $BIN/$required was not built" >&2
         exit 1
@@ -86,6 +78,7 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
     done
     for workload in W4 W5 W6 floor; do run offload_bench "$workload"; done
     run call_soon_threadsafe_bench
+    run from_thread_bench
 done
 
 echo
