@@ -10,6 +10,12 @@
 // coroutine came back to the main thread).
 //
 //   asio_offload [W1|W2|W3|all] [--n N]
+// Asio 1.22 enables its coroutine support only for compilers it recognises; clang++ with
+// libstdc++ has C++20 coroutines too, so say so (g++ is detected on its own).
+#if defined(__clang__) && defined(__cpp_impl_coroutine) && !defined(ASIO_HAS_CO_AWAIT)
+#define ASIO_HAS_CO_AWAIT 1
+#define ASIO_HAS_STD_COROUTINE 1
+#endif
 #include <asio.hpp>
 
 #include <atomic>
