@@ -24,6 +24,7 @@
 #include "detail/poller.hpp"
 #include "detail/remote_inbox.hpp"
 #include "detail/result.hpp"
+#include "detail/root_task.hpp"
 #include "detail/runnable.hpp"
 #include "detail/spin.hpp"
 #include "detail/task_state.hpp"
@@ -39,23 +40,6 @@ namespace detail {
 
 inline thread_local EventLoop* current_loop = nullptr;
 
-/// A heap node around an arbitrary callable, for the public call_soon* functions (the
-/// library's own hot paths use intrusive nodes instead and never come here).
-template <class F>
-struct CallbackNode final : Runnable {
-    explicit CallbackNode(F&& fn) : Runnable(&invoke), fn_(std::move(fn)) {}
-    static void invoke(Runnable* self, bool run) {
-        std::unique_ptr<CallbackNode> node(static_cast<CallbackNode*>(self));
-        if (run) node->fn_();
-    }
-    F fn_;
-};
-
-template <class F>
-Runnable* make_callback(F&& fn) {
-    return new CallbackNode<std::decay_t<F>>(std::decay_t<F>(std::forward<F>(fn)));
-}
-
 /// Something that hangs on a loop for the loop's lifetime (anyio's RunVar): the worker pool
 /// and the default limiter. `shutdown` runs while the loop can still process completions.
 class LoopService {
@@ -67,82 +51,7 @@ public:
 template <class Service>
 inline const char service_key = 0;
 
-/// `now + delay`, saturated: a delay too large for the clock gives time_point::max() (no
-/// deadline) instead of overflowing into the past; a negative one gives `now`.
-template <class Rep, class Period>
-std::chrono::steady_clock::time_point deadline_after(std::chrono::steady_clock::time_point now,
-                                                     std::chrono::duration<Rep, Period> delay) {
-    using time_point = std::chrono::steady_clock::time_point;
-    using Delay = std::chrono::duration<Rep, Period>;
-    if (delay <= Delay::zero()) return now;
-    // Compare in the caller's unit: converting the (nanosecond) headroom to a coarser unit
-    // cannot overflow, converting a huge delay to nanoseconds could.
-    if (delay >= std::chrono::duration_cast<Delay>(time_point::max() - now)) {
-        return time_point::max();
-    }
-    return now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay);
-}
-
-// The root coroutine of every task: it owns the TaskState (in its promise, so a task costs no
-// allocation beyond its frames), runs the body, records how it ended, tells its owner and
-// frees itself.
-struct RootPromise;
-struct RootCoroutine {
-    using promise_type = RootPromise;
-    std::coroutine_handle<RootPromise> handle;
-};
-
-struct RootPromise : TaskState, FrameLink {
-    RootCoroutine get_return_object() noexcept {
-        return {std::coroutine_handle<RootPromise>::from_promise(*this)};
-    }
-    std::suspend_always initial_suspend() noexcept { return {}; }
-    struct FinalAwaiter {
-        bool await_ready() noexcept { return false; }
-        void await_suspend(std::coroutine_handle<RootPromise> self) noexcept {
-            RootPromise& task = self.promise();
-            if (task.ListHook<ScopeTasksTag>::linked()) task.ListHook<ScopeTasksTag>::unlink();
-            if (task.ListHook<LiveTasksTag>::linked()) task.ListHook<LiveTasksTag>::unlink();
-            if (task.on_done_ != nullptr) task.on_done_(task.owner_, task);
-            self.destroy();
-        }
-        void await_resume() noexcept {}
-    };
-    FinalAwaiter final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept {
-        outcome_ = Outcome::failed;
-        error_ = std::current_exception();
-    }
-};
-
-struct PromiseAccess {
-    RootPromise* promise = nullptr;
-    bool await_ready() noexcept { return false; }
-    bool await_suspend(std::coroutine_handle<RootPromise> self) noexcept {
-        promise = &self.promise();
-        return false;  // never actually suspends
-    }
-    RootPromise& await_resume() noexcept { return *promise; }
-};
-
-inline RootCoroutine root_coroutine(Task<void> body) {
-    RootPromise& self = co_await PromiseAccess{};
-    try {
-        co_await std::move(body);
-        self.outcome_ = TaskState::Outcome::completed;
-    } catch (const Cancelled&) {
-        self.outcome_ = TaskState::Outcome::cancelled;
-        self.error_ = std::current_exception();
-    } catch (...) {
-        self.outcome_ = TaskState::Outcome::failed;
-        self.error_ = std::current_exception();
-    }
-}
-
 }  // namespace detail
-}  // namespace anyio
-namespace anyio {
 
 /// Settings of one event loop (an aggregate: use designated initializers, in this order).
 struct LoopOptions {

@@ -2,6 +2,10 @@
 // allocates and never goes through std::function.
 #pragma once
 
+#include <memory>
+#include <type_traits>
+#include <utility>
+
 namespace anyio::detail {
 
 struct Runnable {
@@ -50,5 +54,22 @@ private:
     Runnable* head_ = nullptr;
     Runnable* tail_ = nullptr;
 };
+
+/// A heap node around an arbitrary callable, for the public call_soon* functions (the
+/// library's own hot paths use intrusive nodes instead and never come here).
+template <class F>
+struct CallbackNode final : Runnable {
+    explicit CallbackNode(F&& fn) : Runnable(&invoke), fn_(std::move(fn)) {}
+    static void invoke(Runnable* self, bool run) {
+        std::unique_ptr<CallbackNode> node(static_cast<CallbackNode*>(self));
+        if (run) node->fn_();
+    }
+    F fn_;
+};
+
+template <class F>
+Runnable* make_callback(F&& fn) {
+    return new CallbackNode<std::decay_t<F>>(std::decay_t<F>(std::forward<F>(fn)));
+}
 
 }  // namespace anyio::detail

@@ -27,6 +27,22 @@ struct TimerNode {
     Fire fire_;
 };
 
+/// `now + delay`, saturated: a delay too large for the clock gives time_point::max() (no
+/// deadline) instead of overflowing into the past; a negative one gives `now`.
+template <class Rep, class Period>
+std::chrono::steady_clock::time_point deadline_after(std::chrono::steady_clock::time_point now,
+                                                     std::chrono::duration<Rep, Period> delay) {
+    using time_point = std::chrono::steady_clock::time_point;
+    using Delay = std::chrono::duration<Rep, Period>;
+    if (delay <= Delay::zero()) return now;
+    // Compare in the caller's unit: converting the (nanosecond) headroom to a coarser unit
+    // cannot overflow, converting a huge delay to nanoseconds could.
+    if (delay >= std::chrono::duration_cast<Delay>(time_point::max() - now)) {
+        return time_point::max();
+    }
+    return now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(delay);
+}
+
 class TimerHeap {
 public:
     [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
