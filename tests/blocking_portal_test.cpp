@@ -719,3 +719,20 @@ TEST_CASE("Several threads may stop a portal at once", "[portal]") {
     shared.reset();
     CHECK(settle_thread_count(baseline) == baseline);
 }
+
+TEST_CASE("Stopping a portal from a worker thread of its own loop throws std::logic_error",
+          "[portal]") {
+    auto portal = anyio::start_blocking_portal();
+    std::string outcome = portal.call([&]() -> anyio::Task<std::string> {
+        co_return co_await anyio::to_thread::run_sync([&] {
+            try {
+                portal.stop();
+                return std::string("returned");
+            } catch (const std::logic_error&) {
+                return std::string("std::logic_error");
+            }
+        });
+    });
+    CHECK(outcome == "std::logic_error");
+    portal.stop();
+}

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -707,4 +708,33 @@ TEST_CASE("statistics reports borrowed and total tokens, borrowers and waiting t
         CHECK(stats.borrowed_tokens == 0);
         CHECK(stats.borrowers.empty());
     });
+}
+
+TEST_CASE("Leaving run with a token holder and an older waiter still alive frees both cleanly",
+          "[limiter][shutdown]") {
+    // At shutdown the newer frame is destroyed first; its guard hands the token to the older
+    // waiter, which must not be resumed or touched after its own frame is gone (ASan checks).
+    anyio::CapacityLimiter* seen = nullptr;
+    anyio::run([&]() -> anyio::Task<> {
+        static anyio::Event never;  // outlives the loop: the tasks wait on it for ever
+        anyio::EventLoop& loop = *anyio::EventLoop::current();
+        auto limiter = std::make_shared<anyio::CapacityLimiter>(1);
+        seen = limiter.get();
+        auto holder = [](std::shared_ptr<anyio::CapacityLimiter> lim) -> anyio::Task<> {
+            auto guard = co_await lim->scoped();
+            co_await never.wait();
+        };
+        auto waiter = [](std::shared_ptr<anyio::CapacityLimiter> lim) -> anyio::Task<> {
+            co_await lim->acquire();
+            co_await never.wait();
+        };
+        co_await anyio::checkpoint();
+        auto held = holder(limiter);
+        loop.spawn(std::move(held));
+        co_await anyio::sleep(std::chrono::milliseconds(1));  // the holder takes the token
+        loop.spawn(waiter(limiter));
+        co_await anyio::sleep(std::chrono::milliseconds(1));  // the waiter queues
+        CHECK(limiter->statistics().tasks_waiting == 1);
+    });
+    CHECK(seen != nullptr);
 }

@@ -1287,3 +1287,26 @@ TEST_CASE("A lambda capturing a std::shared_ptr, written inside co_await run_syn
     });
 }
 #endif  // g++ 12
+
+TEST_CASE("Leaving run asks a blocking call still running for a leftover task to stop",
+          "[to_thread][shutdown]") {
+    // A task spawned outside any group is still inside run_sync when the main task returns.
+    // Shutdown waits for busy workers (no shutdown_timeout), so without the stop request a
+    // cooperative fn would keep run() waiting for ever.
+    std::atomic<bool> stop_seen{false};
+    auto started = std::make_shared<std::promise<void>>();
+    auto started_future = started->get_future();
+    auto cooperative = [&stop_seen, started](std::stop_token stop) {
+        started->set_value();
+        while (!stop.stop_requested()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        stop_seen = true;
+    };
+    auto leftover = [&]() -> anyio::Task<> { co_await anyio::to_thread::run_sync(cooperative); };
+    auto t0 = std::chrono::steady_clock::now();
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::EventLoop::current()->spawn(leftover());
+        co_await anyio::to_thread::run_sync([&] { started_future.wait(); });
+    });
+    CHECK(stop_seen);
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}

@@ -88,6 +88,13 @@ public:
                 "anyio::BlockingPortal::stop: called from the portal's own loop thread, which "
                 "cannot wait for itself; stop it from another thread");
         }
+        if (detail::current_worker_loop == state_->token.shared() &&
+            !state_->stopped.load(std::memory_order_acquire)) {  // acquire: as below
+            throw std::logic_error(
+                "anyio::BlockingPortal::stop: called from a worker thread of the portal's own "
+                "loop, which waits for this very call before it can stop; stop it from another "
+                "thread");
+        }
         // Several threads may stop a portal at once: one joins, the others wait for it.
         std::lock_guard<std::mutex> lock(state_->stop_mutex);
         if (state_->stopped.load(std::memory_order_acquire)) return;  // acquire: see below
@@ -121,6 +128,7 @@ private:
         std::thread::id loop_thread_id;
         std::mutex stop_mutex;
         std::atomic<bool> stopped{false};
+        bool frees_itself = false;  // loop thread only: set when destroyed on that thread
     };
 
     template <class R, class F, class... Args>
@@ -174,11 +182,17 @@ private:
         try {
             stop();
         } catch (...) {
-            // Destroyed from its own loop thread: cannot join; detach rather than terminate.
+            // Destroyed on its own loop thread, which cannot join itself: ask the loop to stop,
+            // let the thread go, and let it free the state once its loop has ended.
             if (state_ && state_->thread.joinable() &&
                 std::this_thread::get_id() == state_->loop_thread_id) {
+                state_->group = nullptr;
+                state_->stop_requested.set();
+                state_->frees_itself = true;
                 state_->thread.detach();
+                (void)state_.release();
             }
+            // From a worker of its own loop: nothing safe to do but leave the portal running.
         }
     }
 
@@ -194,10 +208,12 @@ inline BlockingPortal start_blocking_portal(EventLoop::Options options = {}) {
     BlockingPortal::State* raw = state.get();
     state->thread = std::thread([raw, &started, options = std::move(options)]() mutable {
         ::pthread_setname_np(::pthread_self(), "anyio portal");
-        auto body = [raw, &started]() -> Task<void> {
-            co_await task_group([raw, &started](TaskGroup& group) -> Task<void> {
+        bool announced = false;  // after this, `started` (on the caller's stack) is gone
+        auto body = [raw, &started, &announced]() -> Task<void> {
+            co_await task_group([raw, &started, &announced](TaskGroup& group) -> Task<void> {
                 raw->group = &group;
                 raw->running_group = &group;
+                announced = true;
                 started.set_value(lowlevel::current_token());
                 co_await raw->stop_requested.wait();
             });
@@ -206,10 +222,17 @@ inline BlockingPortal start_blocking_portal(EventLoop::Options options = {}) {
         try {
             run(body(), options);
         } catch (...) {
-            // The portal's own body never throws; a failing task went to its caller already.
+            // The loop could not start (e.g. no file descriptors left): tell the caller.
+            if (!announced) started.set_exception(std::current_exception());
         }
+        if (raw->frees_itself) delete raw;
     });
-    state->token = token.get();
+    try {
+        state->token = token.get();
+    } catch (...) {
+        state->thread.join();
+        throw;
+    }
     state->loop_thread_id = state->thread.get_id();
     return BlockingPortal(std::move(state));
 }

@@ -62,7 +62,8 @@ struct LoopOptions {
     std::int64_t default_thread_tokens = 40;
     /// Name of the worker threads, also given to the OS (cut to 15 bytes).
     std::string thread_name = "anyio worker";
-    /// Run on each worker thread as it starts, and before it exits.
+    /// Run on each worker thread as it starts, and before it exits. The loop joins a retiring
+    /// worker right after this hook, so the hook must not block or call into the loop.
     std::function<void()> on_thread_start{};
     std::function<void()> on_thread_stop{};
     /// How long leaving run() waits for busy workers before detaching them (their late
@@ -458,6 +459,9 @@ inline void EventLoop::close_without_running() noexcept {
     while (detail::TaskState* task = live_tasks_.pop_back()) {
         detail::destroy_frame_chain(task->frame_,
                                     static_cast<detail::RootPromise*>(task));
+        // A destructor in that frame may have woken an older task (a limiter guard handing
+        // its token on, an Event set): drop it now, before that older frame is destroyed.
+        while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
     }
     // 5. Services go last (tasks may have been linked into them, e.g. a limiter's queue).
     while (!services_.empty()) services_.pop_back();

@@ -174,10 +174,18 @@ private:
                 parent = job_->host_scope_;
             }
         }
+        Task<void> body = deliver(std::move(task), this);
         scope_.activate(loop, parent);
         if (job_ != nullptr) job_->call_scope_ = &scope_;
-        anyio::detail::TaskState& spawned = loop.spawn(deliver(std::move(task), this));
-        scope_.adopt(spawned);
+        try {
+            scope_.adopt(loop.spawn(std::move(body)));
+        } catch (...) {
+            // Out of memory: unlink the scope (it lives on the caller's stack) before the
+            // caller is released with the error.
+            if (job_ != nullptr) job_->call_scope_ = nullptr;
+            scope_.deactivate();
+            throw;
+        }
     }
 
     // Ends the call however the task ends: with a value, an exception, or its frame destroyed

@@ -83,7 +83,11 @@ public:
     Job(bool on_heap, Fn&& fn, As&&... args)
         : JobBase(&execute, on_heap ? &destroy : nullptr),
           fn_(std::forward<Fn>(fn)),
-          args_(std::forward<As>(args)...) {}
+          args_(std::forward<As>(args)...) {
+        if constexpr (with_stop_token) {
+            request_stop_ = [](JobBase* self) noexcept { static_cast<Job*>(self)->request_stop(); };
+        }
+    }
 
     void request_stop() noexcept {
         if constexpr (with_stop_token) stop_.request_stop();

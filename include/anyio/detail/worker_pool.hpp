@@ -106,6 +106,13 @@ public:
             retire(worker);
         }
         if (busy_count_ == 0) return;
+        // Jobs still running belong to tasks that are about to be destroyed: tell them, so a
+        // cooperative fn (stop_token, check_cancelled) can end and run() need not wait.
+        busy_.for_each([](WorkerThread& worker) {
+            JobBase* job = worker.job();
+            job->cancelled_.store(true, std::memory_order_release);  // release: as in run_sync
+            if (job->request_stop_ != nullptr) job->request_stop_(job);
+        });
         struct Timeout final : TimerNode {
             Timeout() noexcept : TimerNode(&fire) {}
             static void fire(TimerNode* self, bool) { static_cast<Timeout*>(self)->expired = true; }

@@ -48,6 +48,7 @@ struct JobBase : Runnable {
     JobBase& operator=(const JobBase&) = delete;
 
     Execute execute_;                  // runs on the worker: calls fn, stores the outcome
+    void (*request_stop_)(JobBase* self) noexcept = nullptr;  // fn's stop_token, if it takes one
     Destroy destroy_;                  // non-null for heap jobs
     WorkerPool* pool_ = nullptr;       // loop-side fields from here on
     WorkerThread* worker_ = nullptr;
@@ -115,9 +116,12 @@ public:
 
     /// Asks the worker to exit once its current job (if any) is done (loop thread).
     void request_stop() noexcept {
-        // release: a worker that sees the flag after a job also sees the reason for it.
-        stop_requested_.store(true, std::memory_order_release);
-        std::uint32_t state = state_.load(std::memory_order_acquire);  // acquire: as in give()
+        // seq_cst store, then seq_cst load of the state: with the worker's seq_cst take of a
+        // job and its seq_cst load of the flag after it, either we see the job taken (and
+        // stop the mailbox below) or the worker sees the flag: a store-buffer pattern that
+        // release/acquire alone would not exclude.
+        stop_requested_.store(true, std::memory_order_seq_cst);
+        std::uint32_t state = state_.load(std::memory_order_seq_cst);
         // A job handed over but not yet taken stays: the worker checks the flag after it.
         while (state == empty || state == sleeping) {
             // acq_rel: as in give(); the CAS keeps a concurrent take of a job intact.
@@ -157,17 +161,18 @@ private:
             if (wait_for_work() == stopping) break;
             JobBase* job = job_;
             std::uint32_t expected = has_job;
-            // acq_rel: mark the mailbox empty unless a stop request replaced the job state.
-            state_.compare_exchange_strong(expected, empty, std::memory_order_acq_rel,
-                                           std::memory_order_acquire);
+            // seq_cst: mark the mailbox empty unless a stop request replaced the job state;
+            // seq_cst for the store-buffer pattern with request_stop (see there).
+            state_.compare_exchange_strong(expected, empty, std::memory_order_seq_cst,
+                                           std::memory_order_seq_cst);
             current_job = job;
             job->execute_(job);
             current_job = nullptr;
             // The job is the completion node. After a successful post the job belongs to the
             // loop again (its awaiter may resume and free it at once): do not touch it.
             if (!shared_->loop->post(job)) job->invoke_(job, false);  // loop gone: drop it
-            // acquire: pairs with request_stop's release store.
-            if (stop_requested_.load(std::memory_order_acquire)) break;
+            // seq_cst: the other half of request_stop's store-buffer pattern.
+            if (stop_requested_.load(std::memory_order_seq_cst)) break;
         }
         run_hook(shared_->on_thread_stop);
         current_worker_loop = nullptr;
