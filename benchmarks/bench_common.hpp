@@ -13,6 +13,7 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <thread>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -24,6 +25,19 @@
 #include <fmt/core.h>
 
 namespace bench {
+
+/// BENCH.md: every run does this many sequential round trips first, and nothing else.
+constexpr int kWarmUpRoundTrips = 1000;
+
+/// The offloaded jobs of the workloads: a no-op (W1, W2, W5) and a blocking sleep (W3, W6).
+struct Noop {
+    void operator()() const noexcept {}
+};
+struct SleepFor {
+    std::chrono::milliseconds duration;
+    void operator()() const { std::this_thread::sleep_for(duration); }
+};
+
 
 using Clock = std::chrono::steady_clock;
 

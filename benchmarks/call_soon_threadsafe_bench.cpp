@@ -21,13 +21,11 @@ using bench::Clock;
 
 namespace {
 
-struct Noop {
-    void operator()() const noexcept {}
-};
+using bench::Noop;
 
 anyio::Task<> bench_call_soon_threadsafe(std::int64_t n) {
     // The same warm-up as every other run: 1000 sequential offload round trips.
-    for (int i = 0; i < 1000; ++i) co_await anyio::to_thread::run_sync(Noop{});
+    for (int i = 0; i < bench::kWarmUpRoundTrips; ++i) co_await anyio::to_thread::run_sync(Noop{});
 
     anyio::EventLoop* loop = anyio::EventLoop::current();
     anyio::Event done;

@@ -129,16 +129,9 @@ void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::f
 namespace {
 
 constexpr std::string_view kSystem = "anyio-cpp";
-constexpr int kWarmUpRoundTrips = 1000;
-
-struct Noop {
-    void operator()() const noexcept {}
-};
-
-struct SleepFor {
-    std::chrono::milliseconds duration;
-    void operator()() const { std::this_thread::sleep_for(duration); }
-};
+using bench::kWarmUpRoundTrips;
+using bench::Noop;
+using bench::SleepFor;
 
 anyio::EventLoop::Options loop_options(std::chrono::steady_clock::duration max_idle_time = 10s) {
     // Not `Options{.max_idle_time = ..., .default_thread_tokens = 40}`: with -Wextra, g++ 12

@@ -38,16 +38,9 @@ namespace {
 
 constexpr std::string_view kSystem = "asio";
 constexpr int kPoolThreads = 40;
-constexpr int kWarmUpRoundTrips = 1000;
-
-struct Noop {
-    void operator()() const noexcept {}
-};
-
-struct SleepFor {
-    std::chrono::milliseconds duration;
-    void operator()() const { std::this_thread::sleep_for(duration); }
-};
+using bench::kWarmUpRoundTrips;
+using bench::Noop;
+using bench::SleepFor;
 
 /// The io_context on the main thread and the pool of 40 threads, fresh for each workload.
 struct Env {

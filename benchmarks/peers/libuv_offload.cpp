@@ -26,7 +26,7 @@ using bench::Clock;
 namespace {
 
 constexpr std::string_view kSystem = "libuv";
-constexpr int kWarmUpRoundTrips = 1000;
+using bench::kWarmUpRoundTrips;
 
 void check(int rc, const char* what) {
     if (rc != 0) {
