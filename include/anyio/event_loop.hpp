@@ -210,7 +210,6 @@ public:
         detail::RootCoroutine root = detail::root_coroutine(std::move(body));
         detail::TaskState& task = root.handle.promise();
         task.loop_ = this;
-        task.frame_ = root.handle;
         task.resume_point_ = root.handle;
         task.on_done_ = on_done;
         task.owner_ = owner;
@@ -457,8 +456,9 @@ inline void EventLoop::close_without_running() noexcept {
     // 4. Destroy the frames of tasks still alive, newest first: a child task is always newer
     //    than the task hosting its group or scope, so nothing points into a freed frame.
     while (detail::TaskState* task = live_tasks_.pop_back()) {
-        detail::destroy_frame_chain(task->frame_,
-                                    static_cast<detail::RootPromise*>(task));
+        auto* root = static_cast<detail::RootPromise*>(task);
+        detail::destroy_frame_chain(
+            std::coroutine_handle<detail::RootPromise>::from_promise(*root), root);
         // A destructor in that frame may have woken an older task (a limiter guard handing
         // its token on, an Event set): drop it now, before that older frame is destroyed.
         while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);

@@ -139,9 +139,7 @@ public:
         // The job lives in this awaiter (no allocation) unless a worker may outlive the
         // awaiting frame: after abandon_on_cancel, or when the loop may detach busy workers
         // at shutdown (shutdown_timeout). Then it is a heap block the worker can own.
-        if (abandon_on_cancel_ || anyio::detail::running_loop("to_thread::run_sync")
-                                      .options()
-                                      .shutdown_timeout.has_value()) {
+        if (abandon_on_cancel_ || service_->pool().may_detach_workers()) {
             job_ = new JobType(true, std::forward<Fn>(fn), std::forward<As>(args)...);
             owns_heap_job_ = true;
             job_->awaiter_owns_ = &owns_heap_job_;

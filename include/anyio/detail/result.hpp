@@ -61,10 +61,6 @@ public:
         }
     }
 
-    [[nodiscard]] std::exception_ptr exception() const noexcept {
-        return storage_.index() == 2 ? std::get<2>(storage_) : nullptr;
-    }
-
 private:
     std::variant<std::monostate, Stored, std::exception_ptr> storage_;
 };

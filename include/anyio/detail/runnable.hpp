@@ -32,15 +32,6 @@ public:
         }
         tail_ = node;
     }
-    /// Appends a chain already in FIFO order.
-    void push_chain(Runnable* first, Runnable* last) noexcept {
-        if (tail_ != nullptr) {
-            tail_->next_ = first;
-        } else {
-            head_ = first;
-        }
-        tail_ = last;
-    }
     Runnable* pop() noexcept {
         Runnable* node = head_;
         if (node != nullptr) {

@@ -50,7 +50,6 @@ public:
     CancelScope* scope_ = nullptr;       // innermost scope; nullptr: none (never cancelled)
     Wait* wait_ = nullptr;               // the cancellable wait it is suspended at
     std::coroutine_handle<> resume_point_;
-    std::coroutine_handle<> frame_;      // the root frame (destroyed at shutdown if still alive)
     OnDone on_done_ = nullptr;
     void* owner_ = nullptr;
     std::exception_ptr error_;           // set when the outcome is failed or cancelled

@@ -48,7 +48,6 @@ public:
     [[nodiscard]] bool empty() const noexcept { return heap_.empty(); }
     [[nodiscard]] std::size_t size() const noexcept { return heap_.size(); }
     [[nodiscard]] TimerNode* top() const noexcept { return heap_.empty() ? nullptr : heap_[0]; }
-    [[nodiscard]] std::size_t capacity() const noexcept { return heap_.capacity(); }
 
     void push(TimerNode* node, std::chrono::steady_clock::time_point when) {
         node->when_ = when;

@@ -57,6 +57,10 @@ public:
         while (WorkerThread* worker = idle_.pop_front()) retire(worker);
     }
 
+    /// True if shutdown may detach a busy worker (a shutdown_timeout is set): its job must
+    /// then live on the heap, where the worker can own it after the awaiting frame is gone.
+    [[nodiscard]] bool may_detach_workers() const noexcept { return shutdown_timeout_.has_value(); }
+
     /// Runs `job` on an idle worker, or on a new one. Throws std::system_error if a thread
     /// cannot be started (the pool stays usable).
     void dispatch(JobBase& job) {
