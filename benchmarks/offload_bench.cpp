@@ -159,21 +159,27 @@ bench::JsonLine& add_resources(bench::JsonLine& line) {
         .num("max_rss_kb", bench::max_rss_kb());
 }
 
+// One no-op offload after the other (the W1 loop): fills `latency_us` (one per call) and
+// returns the wall time from the first call to the last resumption.
+anyio::Task<Clock::duration> sequential_noop_offloads(std::vector<double>& latency_us) {
+    auto start = Clock::now();
+    auto previous = start;
+    for (double& latency : latency_us) {
+        co_await anyio::to_thread::run_sync(Noop{});
+        auto now = Clock::now();
+        latency = bench::to_us(now - previous);
+        previous = now;
+    }
+    co_return previous - start;
+}
+
 // ---------------------------------------------------------------------------------------------
 // W1: one task, N sequential round trips.
 // ---------------------------------------------------------------------------------------------
 anyio::Task<> w1(std::int64_t n) {
     co_await warm_up();
     std::vector<double> latency_us(static_cast<std::size_t>(n));
-    auto start = Clock::now();
-    auto previous = start;
-    for (std::int64_t i = 0; i < n; ++i) {
-        co_await anyio::to_thread::run_sync(Noop{});
-        auto now = Clock::now();
-        latency_us[static_cast<std::size_t>(i)] = bench::to_us(now - previous);
-        previous = now;
-    }
-    auto wall = previous - start;
+    auto wall = co_await sequential_noop_offloads(latency_us);
     auto line = bench::base_line(kSystem, "W1", n, static_cast<double>(n) / bench::to_s(wall),
                                  latency_us);
     line.num("wall_ms", bench::to_ms(wall), 2);
@@ -366,17 +372,10 @@ void run_w4_isolated(std::int64_t n) {
 anyio::Task<> w5(std::int64_t n) {
     co_await warm_up();
     std::vector<double> latency_us(static_cast<std::size_t>(n));
+    auto offloads = sequential_noop_offloads(latency_us);  // its frame is allocated uncounted
     start_counting();
-    auto start = Clock::now();
-    auto previous = start;
-    for (std::int64_t i = 0; i < n; ++i) {
-        co_await anyio::to_thread::run_sync(Noop{});
-        auto now = Clock::now();
-        latency_us[static_cast<std::size_t>(i)] = bench::to_us(now - previous);
-        previous = now;
-    }
+    auto wall = co_await std::move(offloads);
     AllocCounts counts = stop_counting();
-    auto wall = previous - start;
     double nd = static_cast<double>(n);
     auto line = bench::base_line(kSystem, "W5", n, nd / bench::to_s(wall), latency_us);
     line.num("allocs_per_op", static_cast<double>(counts.allocs) / nd, 4)
