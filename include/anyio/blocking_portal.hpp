@@ -16,6 +16,7 @@
 
 #include "event.hpp"
 #include "event_loop.hpp"
+#include "detail/signal_mask.hpp"
 #include "from_thread.hpp"
 #include "task.hpp"
 #include "task_group.hpp"
@@ -206,6 +207,7 @@ inline BlockingPortal start_blocking_portal(EventLoop::Options options = {}) {
     std::promise<LoopToken> started;
     std::future<LoopToken> token = started.get_future();
     BlockingPortal::State* raw = state.get();
+    detail::BlockAsyncSignals blocked;  // the portal's loop thread takes no signals either
     state->thread = std::thread([raw, &started, options = std::move(options)]() mutable {
         ::pthread_setname_np(::pthread_self(), "anyio portal");
         bool announced = false;  // after this, `started` (on the caller's stack) is gone

@@ -21,6 +21,7 @@
 #include <sys/prctl.h>
 
 #include "detail/intrusive_list.hpp"
+#include "detail/loop_thread.hpp"
 #include "detail/poller.hpp"
 #include "detail/remote_inbox.hpp"
 #include "detail/result.hpp"
@@ -37,8 +38,6 @@ namespace anyio {
 class EventLoop;
 
 namespace detail {
-
-inline thread_local EventLoop* current_loop = nullptr;
 
 /// Something that hangs on a loop for the loop's lifetime (anyio's RunVar): the worker pool
 /// and the default limiter. `shutdown` runs while the loop can still process completions.

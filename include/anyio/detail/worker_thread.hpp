@@ -22,6 +22,7 @@
 #include "intrusive_list.hpp"
 #include "remote_inbox.hpp"
 #include "runnable.hpp"
+#include "signal_mask.hpp"
 #include "spin.hpp"
 #include "task_state.hpp"
 
@@ -103,6 +104,7 @@ public:
                                         "anyio: cannot start a worker thread (injected)");
             }
         }
+        BlockAsyncSignals blocked;  // inherited by the new thread from its first instruction
         thread_ = std::thread([this] { main(); });
     }
 
