@@ -95,6 +95,10 @@ TEST_CASE("Every other anyio error derives from std::exception", "[errors]") {
     CHECK(caught_as_std_exception(anyio::NoEventLoopError("no loop")));
     CHECK(caught_as_std_exception(anyio::RunFinishedError()));
     CHECK(caught_as_std_exception(anyio::ExceptionGroup({})));
+    CHECK(caught_as_std_exception(anyio::EndOfStream()));
+    CHECK(caught_as_std_exception(anyio::ClosedResourceError()));
+    CHECK(caught_as_std_exception(anyio::BrokenResourceError()));
+    CHECK(caught_as_std_exception(anyio::BusyResourceError("receiving on")));
     CHECK_FALSE(caught_as_std_exception(anyio::Cancelled{}));
 
     // As thrown by the library.
@@ -179,6 +183,12 @@ TEST_CASE("Every error's message is non-empty", "[errors]") {
     CHECK(std::string(anyio::TimeoutError().what()).size() > 0);
     CHECK(std::string(anyio::RunFinishedError().what()).size() > 0);
     CHECK(std::string(anyio::ExceptionGroup({}).what()).size() > 0);
+    CHECK(std::string(anyio::EndOfStream().what()).size() > 0);
+    CHECK(std::string(anyio::ClosedResourceError().what()).size() > 0);
+    CHECK(std::string(anyio::BrokenResourceError().what()).size() > 0);
+    // anyio's wording, completed by the action.
+    CHECK(std::string(anyio::BusyResourceError("reading from").what())
+              .find("Another task is already reading from this resource") != std::string::npos);
 
     // As raised by the library, one of each.
     std::string no_loop;

@@ -55,6 +55,46 @@ public:
                              "keep the loop running while other threads still call into it") {}
 };
 
+/// Thrown by a receive when the other side has finished sending: every send end of a memory
+/// object stream was closed and the buffer is empty, or a socket's peer sent EOF.
+class EndOfStream : public std::runtime_error {
+public:
+    EndOfStream()
+        : std::runtime_error("anyio::EndOfStream: the stream has ended (the sending side "
+                             "closed it); stop receiving") {}
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown when a resource (stream, socket, listener, file) is used after it was closed by its
+/// own handle, and to a task blocked on it when it is closed.
+class ClosedResourceError : public std::runtime_error {
+public:
+    ClosedResourceError()
+        : std::runtime_error("anyio::ClosedResourceError: this resource has been closed; "
+                             "do not use it after close()") {}
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown when the other side of a resource is gone: every receive end of a memory object
+/// stream is closed, or a socket's peer reset the connection.
+class BrokenResourceError : public std::runtime_error {
+public:
+    BrokenResourceError()
+        : std::runtime_error("anyio::BrokenResourceError: the other side of this resource "
+                             "is gone (closed or reset); nothing more can be sent") {}
+    using std::runtime_error::runtime_error;
+};
+
+/// Thrown when a second task tries to use a resource that allows one user at a time (two
+/// receivers on one socket, two tasks receiving on one signal receiver).
+class BusyResourceError : public std::runtime_error {
+public:
+    /// `action` completes anyio's message: "Another task is already <action> this resource".
+    explicit BusyResourceError(const std::string& action)
+        : std::runtime_error("anyio::BusyResourceError: Another task is already " + action +
+                             " this resource; only one task may do so at a time") {}
+};
+
 /// Several exceptions raised together (by the children of a task group).
 class ExceptionGroup : public std::runtime_error {
 public:
