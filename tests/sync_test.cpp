@@ -740,8 +740,10 @@ TEST_CASE("Condition wait or notify without holding the lock throws std::runtime
           "[sync][condition]") {
     run_loop([]() -> anyio::Task<> {
         anyio::Condition condition;
-        CHECK(thrown_message<std::runtime_error>([&] { condition.notify(); }) == not_holding_message);
-        CHECK(thrown_message<std::runtime_error>([&] { condition.notify_all(); }) == not_holding_message);
+        CHECK(thrown_message<std::runtime_error>([&] { condition.notify(); }) ==
+              not_holding_message);
+        CHECK(thrown_message<std::runtime_error>([&] { condition.notify_all(); }) ==
+              not_holding_message);
         std::optional<std::string> message;
         try {
             co_await condition.wait();

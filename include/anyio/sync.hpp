@@ -5,6 +5,7 @@
 #include <coroutine>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -15,8 +16,7 @@
 #include "cancel_scope.hpp"
 #include "detail/intrusive_list.hpp"
 #include "detail/loop_thread.hpp"
-#include "detail/sync_queue.hpp"
-#include "detail/wait.hpp"
+#include "detail/sync_waiters.hpp"
 #include "errors.hpp"
 #include "event_loop.hpp"
 #include "task.hpp"
@@ -25,9 +25,9 @@ namespace anyio {
 
 /// What Lock::statistics() reports.
 struct LockStatistics {
-    bool locked = false;           ///< whether some task holds the lock
-    const void* owner = nullptr;   ///< the task holding it (an identity only), or nullptr
-    std::size_t tasks_waiting = 0; ///< tasks queued in acquire()
+    bool locked = false;            ///< whether some task holds the lock
+    const void* owner = nullptr;    ///< the task holding it (an identity only), or nullptr
+    std::size_t tasks_waiting = 0;  ///< tasks queued in acquire()
 };
 
 /// What Semaphore::statistics() reports.
@@ -40,109 +40,6 @@ struct ConditionStatistics {
     std::size_t tasks_waiting = 0;   ///< tasks blocked in wait() (not yet notified)
     LockStatistics lock_statistics;  ///< the underlying lock's statistics
 };
-
-class Lock;
-class Semaphore;
-class Condition;
-
-namespace detail {
-
-/// The co_await of Lock::acquire() and Semaphore::acquire(), as anyio's asyncio backend does
-/// it: a free lock (or permit) is taken at once and the task still yields once, without
-/// being cancellable in that yield (anyio's cancel_shielded_checkpoint), unless the
-/// primitive was made with fast_acquire; otherwise the task queues, first in, first out.
-/// release() hands the lock or permit to the first waiter before it runs. A waiter that is
-/// cancelled in the turn it was handed one passes it on at once and raises Cancelled (anyio
-/// calls release() in the same case). The queue node is this awaiter: no allocation.
-template <class Primitive>
-class SyncAcquire final : public CancellableWait<SyncAcquire<Primitive>>, public SyncWaiter {
-public:
-    explicit SyncAcquire(Primitive& primitive) noexcept
-        : SyncWaiter(&on_granted), primitive_(&primitive) {}
-    SyncAcquire(const SyncAcquire&) = delete;
-    SyncAcquire& operator=(const SyncAcquire&) = delete;
-    ~SyncAcquire() {
-        if (phase_ == Phase::queued) {
-            primitive_->queue_.remove(*this);
-        } else if (phase_ == Phase::taken || phase_ == Phase::handed) {
-            // Only at loop shutdown: the frame is destroyed before it resumed with the lock.
-            primitive_->give_back(*this->task_);
-        }
-    }
-
-    bool await_ready() const noexcept { return false; }
-    bool await_suspend(std::coroutine_handle<> handle) {
-        if (!this->begin(Primitive::acquire_name, handle)) return false;
-        if (!primitive_->may_acquire(*this->task_)) {
-            refused_ = true;
-            return false;
-        }
-        if (primitive_->try_take(*this->task_)) {
-            if (primitive_->fast_acquire_) {
-                phase_ = Phase::done;
-                return false;
-            }
-            phase_ = Phase::taken;
-            this->wake();  // yield once; not cancellable now, the lock is already ours
-            return true;
-        }
-        waiting_task_ = this->task_;
-        primitive_->queue_.push_back(*this);
-        phase_ = Phase::queued;
-        this->park();
-        return true;
-    }
-    void await_resume() {
-        const Phase phase = std::exchange(phase_, Phase::done);
-        if (refused_) Primitive::throw_refused();
-        this->throw_if_cancelled();
-        if (phase == Phase::handed && is_cancelled(*this->task_)) {
-            primitive_->give_back(*this->task_);  // to the next waiter, in order
-            throw Cancelled{};
-        }
-    }
-
-    /// Cancelled while queued: leave the queue (O(1)); nothing was handed over.
-    void abort() noexcept {
-        primitive_->queue_.remove(*this);
-        phase_ = Phase::idle;
-    }
-
-private:
-    enum class Phase : unsigned char { idle, queued, taken, handed, done };
-
-    static void on_granted(SyncWaiter* self) noexcept {
-        auto* awaiter = static_cast<SyncAcquire*>(self);
-        awaiter->phase_ = Phase::handed;
-        awaiter->wake();
-    }
-
-    Primitive* primitive_;
-    Phase phase_ = Phase::idle;
-    bool refused_ = false;
-};
-
-/// `co_await x.lock()` / `co_await x.scoped()`: acquires, then yields a Guard.
-template <class Primitive, class Guard>
-class ScopedAcquire {
-public:
-    explicit ScopedAcquire(Primitive& primitive) noexcept
-        : acquire_(primitive), primitive_(&primitive) {}
-    bool await_ready() const noexcept { return false; }
-    bool await_suspend(std::coroutine_handle<> handle) { return acquire_.await_suspend(handle); }
-    Guard await_resume() {
-        acquire_.await_resume();
-        return Guard(*primitive_);
-    }
-
-private:
-    SyncAcquire<Primitive> acquire_;
-    Primitive* primitive_;
-};
-
-struct ConditionQueueTag {};
-
-}  // namespace detail
 
 /// A mutual exclusion lock for tasks (anyio.Lock): one task holds it at a time.
 ///
@@ -239,6 +136,8 @@ public:
 
 private:
     friend class detail::SyncAcquire<Lock>;
+    template <class>
+    friend class detail::ConditionWaiter;
     friend class Condition;
     static constexpr const char* acquire_name = "Lock::acquire";
 
@@ -386,7 +285,7 @@ private:
 /// A condition variable for tasks (anyio.Condition), over a Lock of its own or the one given.
 ///
 ///     auto held = co_await cond.lock();
-///     while (!ready) co_await cond.wait();     // or: co_await cond.wait_for([&] { return ready; });
+///     while (!ready) co_await cond.wait();   // or: co_await cond.wait_for([&] { return ready; });
 ///
 /// wait() releases the lock, waits for notify(), and takes the lock again before it returns,
 /// also when it raises Cancelled. A notified waiter queues for the lock at once (trio's
@@ -399,11 +298,12 @@ private:
 /// throws std::runtime_error ("The current task is not holding the underlying lock"). The
 /// condition (and its lock) must outlive its waiters.
 class Condition {
-    class WaitAwaiter;
+    using WaitAwaiter = detail::ConditionWaiter<Condition>;
 
 public:
     /// Uses `*lock` when given (it must outlive the condition), else a Lock of its own.
-    explicit Condition(Lock* lock = nullptr) noexcept : lock_(lock != nullptr ? lock : &own_lock_) {}
+    explicit Condition(Lock* lock = nullptr) noexcept
+        : lock_(lock != nullptr ? lock : &own_lock_) {}
     Condition(const Condition&) = delete;
     Condition& operator=(const Condition&) = delete;
     ~Condition() {
@@ -447,106 +347,15 @@ public:
     }
 
 private:
+    friend WaitAwaiter;
+
+    [[noreturn]] static void throw_not_holding() {
+        throw std::runtime_error("The current task is not holding the underlying lock");
+    }
     void require_holding() const {
         detail::TaskState* task = detail::current_task_or_null();
-        if (task == nullptr || lock_->owner_ != task) {
-            throw std::runtime_error("The current task is not holding the underlying lock");
-        }
+        if (task == nullptr || lock_->owner_ != task) throw_not_holding();
     }
-
-    class WaitAwaiter final : public detail::CancellableWait<WaitAwaiter>,
-                              public detail::SyncWaiter,
-                              public detail::ListHook<detail::ConditionQueueTag> {
-        using QueueHook = detail::ListHook<detail::ConditionQueueTag>;
-
-    public:
-        explicit WaitAwaiter(Condition& condition) noexcept
-            : SyncWaiter(&on_lock_granted), condition_(&condition) {
-            // Cancellation must not resume the task at once: it first queues for the lock
-            // again (anyio re-acquires under a shield), so this wait has its own handler.
-            on_cancel_ = &on_cancel;
-        }
-        WaitAwaiter(const WaitAwaiter&) = delete;
-        WaitAwaiter& operator=(const WaitAwaiter&) = delete;
-        ~WaitAwaiter() {
-            if (phase_ == Phase::waiting) {
-                abort();
-            } else if (phase_ == Phase::reacquiring) {
-                condition_->lock_->queue_.remove(*this);
-            } else if (phase_ == Phase::relocked) {
-                condition_->lock_->give_back(*task_);  // loop shutdown, before it resumed
-            }
-        }
-
-        bool await_ready() const noexcept { return false; }
-        bool await_suspend(std::coroutine_handle<> handle) {
-            if (!begin("Condition::wait", handle)) return false;  // still holding the lock
-            Lock& lock = *condition_->lock_;
-            if (lock.owner_ != task_) {
-                not_holding_ = true;
-                return false;
-            }
-            condition_->waiters_.push_back(*this);
-            ++condition_->waiting_;
-            phase_ = Phase::waiting;
-            lock.hand_over();
-            park();
-            return true;
-        }
-        void await_resume() {
-            phase_ = Phase::done;
-            if (not_holding_) {
-                throw std::runtime_error("The current task is not holding the underlying lock");
-            }
-            throw_if_cancelled();
-        }
-
-        /// Leaves the condition's queue (O(1)).
-        void abort() noexcept {
-            if (QueueHook::linked()) {
-                QueueHook::unlink();
-                --condition_->waiting_;
-            }
-        }
-
-        /// notify() took it off the condition's queue: from now on it only waits for the lock.
-        void notified() noexcept {
-            task_->wait_ = nullptr;  // not cancellable any more: the notification is ours
-            queue_for_lock();
-        }
-
-    private:
-        enum class Phase : unsigned char { idle, waiting, reacquiring, relocked, done };
-
-        void queue_for_lock() noexcept {
-            Lock& lock = *condition_->lock_;
-            if (lock.try_take(*task_)) {
-                phase_ = Phase::relocked;
-                wake();
-            } else {
-                waiting_task_ = task_;
-                lock.queue_.push_back(*this);
-                phase_ = Phase::reacquiring;
-            }
-        }
-        static void on_cancel(detail::Wait* self) {
-            auto* waiter =
-                static_cast<WaitAwaiter*>(static_cast<detail::CancellableWait<WaitAwaiter>*>(self));
-            waiter->abort();
-            waiter->cancelled_ = true;
-            waiter->task_->wait_ = nullptr;  // re-acquiring is shielded, as in anyio
-            waiter->queue_for_lock();
-        }
-        static void on_lock_granted(detail::SyncWaiter* self) noexcept {
-            auto* waiter = static_cast<WaitAwaiter*>(self);
-            waiter->phase_ = Phase::relocked;
-            waiter->wake();
-        }
-
-        Condition* condition_;
-        Phase phase_ = Phase::idle;
-        bool not_holding_ = false;
-    };
 
     Lock own_lock_;
     Lock* lock_;

@@ -317,7 +317,8 @@ public:
             this->outcome_ = StreamOutcome::closed;
             return false;
         }
-        auto result = state_->try_receive([this](T&& item) { this->slot_.emplace(std::move(item)); });
+        auto result =
+            state_->try_receive([this](T&& item) { this->slot_.emplace(std::move(item)); });
         switch (result) {
             case StreamState<T>::Result::done:
                 this->outcome_ = StreamOutcome::done;
