@@ -37,8 +37,10 @@ class MemoryObjectReceiveStream;
 /// completes only when a receiver takes the item; anyio::unbounded: no limit) and returns
 /// its send end and its receive end: `auto [tx, rx] = create_memory_object_stream<Job>(16);`.
 /// Allocates the stream's shared state once; the buffer is a ring that grows (doubling) up
-/// to max_buffer_size as it fills, never a node per item. T must be nothrow move
-/// constructible; move-only types work.
+/// to max_buffer_size as it fills, never a node per item, and is freed when the last receive
+/// end closes. T must be nothrow move constructible; move-only types work. (clang 14 cannot
+/// capture structured bindings in lambdas: where a lambda needs the ends, bind references,
+/// `auto streams = create_memory_object_stream<Job>(16); auto& tx = streams.first;`.)
 template <class T>
 std::pair<MemoryObjectSendStream<T>, MemoryObjectReceiveStream<T>> create_memory_object_stream(
     std::size_t max_buffer_size = 0) {
@@ -124,7 +126,7 @@ public:
 
     /// Closes this handle (idempotent): tasks blocked in send() on it get
     /// ClosedResourceError; if it was the last send handle, blocked receivers get
-    /// EndOfStream.
+    /// EndOfStream. O(tasks blocked on the stream).
     void close() {
         if (state_ == nullptr || closed_) return;
         state_->affinity_.check("MemoryObjectSendStream::close");
@@ -256,7 +258,7 @@ public:
 
     /// Closes this handle (idempotent): tasks blocked on it get ClosedResourceError; if it
     /// was the last receive handle, buffered items are destroyed and blocked senders get
-    /// BrokenResourceError.
+    /// BrokenResourceError. O(tasks blocked on the stream + items destroyed).
     void close() {
         if (state_ == nullptr || closed_) return;
         state_->affinity_.check("MemoryObjectReceiveStream::close");
