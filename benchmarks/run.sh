@@ -134,6 +134,8 @@ for ((rep = 1; rep <= REPEAT; rep++)); do
     for workload in W4 W5 W6 floor; do run offload_bench "$workload"; done
     run call_soon_threadsafe_bench
     run from_thread_bench
+    run sync_bench
+    if [[ -x "$BIN/asio_channel" ]]; then run asio_channel; fi
 done
 
 echo

@@ -10,6 +10,8 @@
 #include "event_loop.hpp"
 #include "from_thread.hpp"
 #include "io.hpp"
+#include "memory_stream.hpp"
+#include "sync.hpp"
 #include "task.hpp"
 #include "task_group.hpp"
 #include "to_thread.hpp"
