@@ -8,6 +8,7 @@
 #include "errors.hpp"
 #include "event.hpp"
 #include "event_loop.hpp"
+#include "file.hpp"
 #include "from_thread.hpp"
 #include "io.hpp"
 #include "memory_stream.hpp"
