@@ -748,13 +748,20 @@ TEST_CASE("A portal destroyed on a worker thread of its own loop stops without b
     // It used to call std::terminate: the portal's std::thread was destroyed still joinable.
     const std::size_t baseline = baseline_thread_count();
     auto portal = std::make_unique<anyio::BlockingPortal>(anyio::start_blocking_portal());
-    anyio::BlockingPortal* raw = portal.get();
-    std::future<int> result = raw->start_task_soon([&portal]() -> anyio::Task<int> {
-        co_return co_await anyio::to_thread::run_sync([&portal] {
-            portal.reset();  // the last owner, on a worker thread of the portal's own loop
-            return 5;
+    // The worker destroys the portal only once start_task_soon has returned on this thread.
+    std::promise<void> submitted;
+    std::shared_future<void> submitted_future = submitted.get_future().share();
+    std::future<int> result =
+        portal->start_task_soon([&portal, submitted_future]() -> anyio::Task<int> {
+            co_return co_await anyio::to_thread::run_sync(
+                [&portal](std::shared_future<void> go) {
+                    go.wait();
+                    portal.reset();  // the last owner, on a worker thread of the portal's loop
+                    return 5;
+                },
+                submitted_future);
         });
-    });
+    submitted.set_value();
     REQUIRE(result.wait_for(5s) == std::future_status::ready);
     CHECK(result.get() == 5);
     CHECK(portal == nullptr);
