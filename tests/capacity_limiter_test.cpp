@@ -12,7 +12,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <functional>
 #include <new>
 #include <limits>
@@ -22,6 +21,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <dlfcn.h>
 
 #include "catch.hpp"
 #include "test_support.hpp"
@@ -61,25 +62,32 @@ thread_local int fail_next_allocations = 0;
 
 }  // namespace
 
-// g++ warns that free() meets memory from operator new once it inlines these: that is exactly
-// what a replacement pair built on malloc and free does.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
+// The replacement forwards to the operator new and delete it replaces (the C++ runtime's, or
+// a sanitizer's), found with dlsym(RTLD_NEXT): memory allocated inside the shared C++ runtime
+// may be freed here and the other way round, so both sides must be the same allocator.
+namespace {
+using OperatorNew = void* (*)(std::size_t);
+using OperatorDelete = void (*)(void*) noexcept;
+
+OperatorNew next_operator_new() {
+    static const auto fn = reinterpret_cast<OperatorNew>(::dlsym(RTLD_NEXT, "_Znwm"));
+    return fn;
+}
+OperatorDelete next_operator_delete() {
+    static const auto fn = reinterpret_cast<OperatorDelete>(::dlsym(RTLD_NEXT, "_ZdlPv"));
+    return fn;
+}
+}  // namespace
+
 void* operator new(std::size_t size) {
     if (fail_next_allocations > 0) {
         --fail_next_allocations;
         throw std::bad_alloc();
     }
-    if (void* p = std::malloc(size == 0 ? 1 : size)) return p;
-    throw std::bad_alloc();
+    return next_operator_new()(size);
 }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+void operator delete(void* p) noexcept { next_operator_delete()(p); }
+void operator delete(void* p, std::size_t) noexcept { next_operator_delete()(p); }
 
 TEST_CASE("A negative total is rejected with std::invalid_argument", "[limiter]") {
     auto message =
