@@ -256,9 +256,11 @@ decltype(auto) call_async(anyio::detail::LoopShared& loop, SpawnTarget where, F&
 /// From a worker thread (inside to_thread::run_sync): runs the coroutine `async_fn(args...)`
 /// on the loop as a new task and blocks until it finishes; returns its value or rethrows.
 /// The task runs under the scope of the task that called run_sync, so cancelling that task
-/// cancels it too. Throws NoEventLoopError on a thread that is not a worker,
-/// std::logic_error on the loop thread, RunFinishedError once the loop has finished.
-/// Allocates nothing but the new task's frames.
+/// cancels it too. The call goes to the loop whose job the worker runs, also from inside a
+/// loop the worker runs itself (a nested anyio::run, which waits meanwhile). Throws
+/// NoEventLoopError on a thread that is not a worker, std::logic_error on a loop thread that
+/// is not a worker, RunFinishedError once the loop has finished. Allocates nothing but the
+/// new task's frames.
 template <class F, class... Args>
     requires(!std::same_as<std::decay_t<F>, LoopToken> && returns_task<F&, Args&...>)
 decltype(auto) run(F&& async_fn, Args&&... args) {
