@@ -234,7 +234,9 @@ public:
     explicit TimerSlackGuard(unsigned long slack) : previous_(timer_slack()) {
         ::prctl(PR_SET_TIMERSLACK, slack, 0, 0, 0);
     }
-    ~TimerSlackGuard() { ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_), 0, 0, 0); }
+    ~TimerSlackGuard() {
+        ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_), 0, 0, 0);
+    }
     TimerSlackGuard(const TimerSlackGuard&) = delete;
     TimerSlackGuard& operator=(const TimerSlackGuard&) = delete;
 

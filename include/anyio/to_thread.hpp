@@ -200,10 +200,22 @@ public:
     }
 
 private:
-    // created -> waiting_for_token -> running -> done (the outcome is in the job)
-    //    |              |               `-> abandoned (abandon_on_cancel; the job goes on)
-    //    `--------------+-> cancelled (before start, or while waiting for a token)
-    enum class Phase : unsigned char { created, waiting_for_token, running, done, cancelled, abandoned };
+    // created            not awaited yet (awaiting it again from any other phase throws)
+    // waiting_for_token  queued in the limiter; cancellable (-> cancelled)
+    // running            on a worker; the caller resumes with the completion, the outcome in
+    //                    the job; cancellation is passed on, or (abandon_on_cancel) -> abandoned
+    // done               ended without running fn: with the error in the job (no thread
+    //                    could start, the limiter was destroyed) or thrown by await_suspend
+    // cancelled          cancelled before it started, or while waiting for its token
+    // abandoned          the caller left; the job runs on and frees itself (JobBase)
+    enum class Phase : unsigned char {
+        created,
+        waiting_for_token,
+        running,
+        done,
+        cancelled,
+        abandoned
+    };
 
     [[noreturn]] static void throw_awaited_twice() {
         throw std::logic_error(

@@ -118,7 +118,9 @@ struct JobBase : Runnable {
     /// The loop hands the job to a worker: from now on its completion holds it too.
     void dispatched() noexcept {
         // relaxed: the job is not shared yet; WorkerThread::give() publishes it (release).
-        if (storage_ == Storage::heap) holders_.store(awaiter_holds | completion_holds, std::memory_order_relaxed);
+        if (storage_ == Storage::heap) {
+            holders_.store(awaiter_holds | completion_holds, std::memory_order_relaxed);
+        }
     }
 
     /// `who` is done with the job; the last holder of a heap job frees it (table above).
@@ -250,7 +252,8 @@ private:
 
     /// Posted by the worker after on_thread_stop: the loop joins it then (worker_exited).
     struct ExitedNode final : Runnable {
-        explicit ExitedNode(WorkerThread* worker) noexcept : Runnable(&worker_exited), worker(worker) {}
+        explicit ExitedNode(WorkerThread* owner) noexcept
+            : Runnable(&worker_exited), worker(owner) {}
         WorkerThread* worker;
     };
     friend void worker_exited(Runnable* self, bool run);
