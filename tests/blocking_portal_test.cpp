@@ -8,6 +8,7 @@
 #include <anyio/to_thread.hpp>
 
 #include <pthread.h>
+#include <sys/prctl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -735,4 +736,72 @@ TEST_CASE("Stopping a portal from a worker thread of its own loop throws std::lo
     });
     CHECK(outcome == "std::logic_error");
     portal.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests for issue 8
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("A portal destroyed on a worker thread of its own loop stops without blocking and its "
+          "threads end",
+          "[portal]") {
+    // It used to call std::terminate: the portal's std::thread was destroyed still joinable.
+    const std::size_t baseline = baseline_thread_count();
+    auto portal = std::make_unique<anyio::BlockingPortal>(anyio::start_blocking_portal());
+    // The worker destroys the portal only once start_task_soon has returned on this thread.
+    std::promise<void> submitted;
+    std::shared_future<void> submitted_future = submitted.get_future().share();
+    std::future<int> result =
+        portal->start_task_soon([&portal, submitted_future]() -> anyio::Task<int> {
+            co_return co_await anyio::to_thread::run_sync(
+                [&portal](std::shared_future<void> go) {
+                    go.wait();
+                    portal.reset();  // the last owner, on a worker thread of the portal's loop
+                    return 5;
+                },
+                submitted_future);
+        });
+    submitted.set_value();
+    REQUIRE(result.wait_for(5s) == std::future_status::ready);
+    CHECK(result.get() == 5);
+    CHECK(portal == nullptr);
+    CHECK(settle_thread_count(baseline) == baseline);  // the portal's loop and worker ended
+    CHECK(portal_threads() == 0);
+}
+
+namespace {
+
+long timer_slack() { return static_cast<long>(::prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)); }
+
+// The timer slack of a worker thread of `portal`'s loop.
+long portal_worker_slack(anyio::BlockingPortal& portal) {
+    return portal.call([]() -> anyio::Task<long> {
+        co_return co_await anyio::to_thread::run_sync(timer_slack);
+    });
+}
+
+}  // namespace
+
+TEST_CASE("A portal's threads run with the timer slack of the thread that started it, not a "
+          "loop's 1 ns",
+          "[portal]") {
+    const long original = timer_slack();
+    ::prctl(PR_SET_TIMERSLACK, 123'456UL, 0, 0, 0);  // neither the default nor a loop's 1 ns
+    long from_plain_thread = 0;
+    long from_loop_thread = 0;
+    {
+        auto portal = anyio::start_blocking_portal();
+        from_plain_thread = portal_worker_slack(portal);
+    }
+    anyio::run([&]() -> anyio::Task<> {
+        // Started by a loop thread (whose slack is the loop's 1 ns while it runs).
+        auto portal = anyio::start_blocking_portal();
+        from_loop_thread = portal_worker_slack(portal);
+        co_return;
+    });
+    const long after = timer_slack();
+    ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(original), 0, 0, 0);
+    CHECK(from_plain_thread == 123'456);
+    CHECK(from_loop_thread == 123'456);
+    CHECK(after == 123'456);
 }

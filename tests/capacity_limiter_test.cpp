@@ -6,9 +6,14 @@
 #include <anyio/event_loop.hpp>
 #include <anyio/task.hpp>
 #include <anyio/task_group.hpp>
+#include <anyio/to_thread.hpp>
 
 #include <algorithm>
+#include <chrono>
+#include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <new>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -16,6 +21,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#include <dlfcn.h>
 
 #include "catch.hpp"
 #include "test_support.hpp"
@@ -50,6 +57,44 @@ bool contains(const std::string& text, const std::string& part) {
 }
 
 }  // namespace
+
+// Out-of-memory injection: the next `fail_next_allocations` global allocations made on this
+// thread throw std::bad_alloc. Only ever armed around a single synchronous call. Not with
+// clang's sanitizers, whose runtimes are linked statically and define operator new
+// themselves (g++ links them as shared libraries, which a replacement overrides).
+#if !(defined(__clang__) && defined(ANYIO_TEST_SANITIZED))
+#define ANYIO_TEST_REPLACES_OPERATOR_NEW 1
+namespace {
+thread_local int fail_next_allocations = 0;
+}  // namespace
+
+// The replacement forwards to the operator new and delete it replaces (the C++ runtime's, or
+// a sanitizer's), found with dlsym(RTLD_NEXT): memory allocated inside the shared C++ runtime
+// may be freed here and the other way round, so both sides must be the same allocator.
+namespace {
+using OperatorNew = void* (*)(std::size_t);
+using OperatorDelete = void (*)(void*) noexcept;
+
+OperatorNew next_operator_new() {
+    static const auto fn = reinterpret_cast<OperatorNew>(::dlsym(RTLD_NEXT, "_Znwm"));
+    return fn;
+}
+OperatorDelete next_operator_delete() {
+    static const auto fn = reinterpret_cast<OperatorDelete>(::dlsym(RTLD_NEXT, "_ZdlPv"));
+    return fn;
+}
+}  // namespace
+
+void* operator new(std::size_t size) {
+    if (fail_next_allocations > 0) {
+        --fail_next_allocations;
+        throw std::bad_alloc();
+    }
+    return next_operator_new()(size);
+}
+void operator delete(void* p) noexcept { next_operator_delete()(p); }
+void operator delete(void* p, std::size_t) noexcept { next_operator_delete()(p); }
+#endif  // ANYIO_TEST_REPLACES_OPERATOR_NEW
 
 TEST_CASE("A negative total is rejected with std::invalid_argument", "[limiter]") {
     auto message =
@@ -738,3 +783,184 @@ TEST_CASE("Leaving run with a token holder and an older waiter still alive frees
     });
     CHECK(seen != nullptr);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests for issue 8 (the limiter's part)
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Destroying a CapacityLimiter with waiters wakes them with std::logic_error saying "
+          "what was destroyed",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        auto limiter = std::make_unique<anyio::CapacityLimiter>(1);
+        int holder = 0;
+        int borrower = 0;
+        limiter->acquire_on_behalf_of_nowait(&holder);
+        std::vector<std::string> errors;
+        auto group = [&]() -> anyio::Task<> {
+            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+                tg.start_soon([&]() -> anyio::Task<> {
+                    try {
+                        co_await limiter->acquire();
+                        errors.emplace_back("acquired");
+                    } catch (const std::logic_error& error) {
+                        errors.emplace_back(error.what());
+                    }
+                });
+                tg.start_soon([&]() -> anyio::Task<> {
+                    try {
+                        co_await limiter->acquire_on_behalf_of(&borrower);
+                        errors.emplace_back("acquired");
+                    } catch (const std::logic_error& error) {
+                        errors.emplace_back(error.what());
+                    }
+                });
+                tg.start_soon([&]() -> anyio::Task<> {
+                    try {
+                        auto guard = co_await limiter->scoped();
+                        errors.emplace_back("acquired");
+                    } catch (const std::logic_error& error) {
+                        errors.emplace_back(error.what());
+                    }
+                });
+                co_await settle();
+                CHECK(limiter->statistics().tasks_waiting == 3);
+                limiter.reset();
+            });
+        };
+        // Bounded: waiters nobody wakes fail the test instead of hanging it.
+        const bool finished = co_await anyio::move_on_after(std::chrono::seconds(5), group());
+        CHECK(finished);
+        REQUIRE(errors.size() == 3);
+        for (const std::string& error : errors) {
+            CHECK(contains(error, "CapacityLimiter"));
+            CHECK(contains(error, "destroyed"));
+        }
+    });
+}
+
+TEST_CASE("A CapacityLimiter used from another thread throws std::logic_error naming "
+          "from_thread::run_sync",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(2);
+        int borrower = 0;
+        int other = 0;
+        limiter.acquire_on_behalf_of_nowait(&borrower);  // binds it to this loop
+        // From a worker thread of the loop.
+        std::vector<std::string> from_worker =
+            co_await anyio::to_thread::run_sync([&limiter, &borrower, &other] {
+                std::vector<std::string> messages;
+                auto record = [&](auto&& call) {
+                    auto message = thrown_message<std::logic_error>(call);
+                    messages.push_back(message.value_or("no std::logic_error"));
+                };
+                record([&] { limiter.release_on_behalf_of(&borrower); });
+                record([&] { limiter.release(); });
+                record([&] { limiter.set_total_tokens(5); });
+                record([&] { (void)limiter.try_acquire_on_behalf_of(&other); });
+                record([&] { limiter.acquire_on_behalf_of_nowait(&other); });
+                record([&] { (void)limiter.try_acquire(); });
+                record([&] { limiter.acquire_nowait(); });
+                return messages;
+            });
+        CHECK(from_worker.size() == 7);
+        for (const std::string& message : from_worker) {
+            CHECK(contains(message, "CapacityLimiter"));
+            CHECK(contains(message, "from_thread::run_sync"));
+        }
+        // From a loop of its own on a worker thread: waits are refused too.
+        std::vector<std::string> from_nested_loop = co_await anyio::to_thread::run_sync([&limiter] {
+            return anyio::run([&limiter]() -> anyio::Task<std::vector<std::string>> {
+                std::vector<std::string> messages;
+                try {
+                    co_await limiter.acquire();
+                    messages.emplace_back("acquired");
+                } catch (const std::logic_error& error) {
+                    messages.emplace_back(error.what());
+                }
+                try {
+                    co_await anyio::to_thread::run_sync({.limiter = &limiter}, [] {});
+                    messages.emplace_back("offloaded");
+                } catch (const std::logic_error& error) {
+                    messages.emplace_back(error.what());
+                }
+                co_return messages;
+            });
+        });
+        CHECK(from_nested_loop.size() == 2);
+        for (const std::string& message : from_nested_loop) {
+            CHECK(contains(message, "CapacityLimiter"));
+            CHECK(contains(message, "from_thread::run_sync"));
+        }
+        // Nothing changed.
+        CHECK(limiter.total_tokens() == 2);
+        CHECK(limiter.borrowed_tokens() == 1);
+        CHECK(limiter.statistics().borrowers == std::vector<const void*>{&borrower});
+        limiter.release_on_behalf_of(&borrower);
+    });
+}
+
+#if defined(ANYIO_TEST_REPLACES_OPERATOR_NEW)
+TEST_CASE("A token handed to a waiter whose borrower cannot be recorded (out of memory) wakes "
+          "it with std::bad_alloc; the release itself succeeds",
+          "[limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        int holder = 0;
+        std::vector<std::string> outcomes;
+        std::vector<std::string> release_errors;
+        auto waiter = [&](const void* borrower) -> anyio::Task<> {
+            try {
+                co_await limiter.acquire_on_behalf_of(borrower);
+                outcomes.emplace_back("acquired");
+                limiter.release_on_behalf_of(borrower);
+            } catch (const std::bad_alloc&) {
+                outcomes.emplace_back("bad_alloc");
+            }
+        };
+        // Releases through `release` with the next allocation on this thread failing.
+        auto release_out_of_memory = [&](const std::function<void()>& release) {
+            fail_next_allocations = 1;
+            try {
+                release();
+            } catch (const std::bad_alloc&) {
+                release_errors.emplace_back("bad_alloc");
+            }
+            fail_next_allocations = 0;
+        };
+        auto group = [&]() -> anyio::Task<> {
+            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+                int first = 0;
+                int second = 0;
+                // 1. The public release.
+                limiter.acquire_on_behalf_of_nowait(&holder);
+                tg.start_soon(waiter(&first));
+                co_await settle();
+                REQUIRE(limiter.statistics().tasks_waiting == 1);
+                release_out_of_memory([&] { limiter.release_on_behalf_of(&holder); });
+                co_await settle();
+                // 2. A run_sync call's token coming back (noexcept: it used to terminate).
+                anyio::detail::LimiterHold hold;
+                REQUIRE(limiter.try_acquire_hold(hold));
+                tg.start_soon(waiter(&second));
+                co_await settle();
+                REQUIRE(limiter.statistics().tasks_waiting == 1);
+                release_out_of_memory([&] { anyio::CapacityLimiter::release_hold(hold); });
+                co_await settle();
+            });
+        };
+        const bool finished = co_await anyio::move_on_after(std::chrono::seconds(5), group());
+        CHECK(finished);
+        CHECK(release_errors.empty());
+        CHECK(outcomes == std::vector<std::string>{"bad_alloc", "bad_alloc"});
+        // The token was not lost: it is free again.
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+        CHECK(limiter.statistics().borrowers.empty());
+        int later = 0;
+        co_await waiter(&later);
+        CHECK(outcomes.back() == "acquired");
+    });
+}
+#endif  // ANYIO_TEST_REPLACES_OPERATOR_NEW

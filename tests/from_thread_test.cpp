@@ -1081,3 +1081,33 @@ TEST_CASE("A task left waiting in an abandon_on_cancel run_sync when the loop gi
     REQUIRE(worker_outcome.wait_for(15s) == std::future_status::ready);
     CHECK(worker_outcome.get() == "saw the loop finish");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests for issue 8
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("A worker running a loop of its own calls back into the outer loop without a token",
+          "[from_thread]") {
+    // The check against "called on the loop's own thread" used to reject any thread that runs
+    // a loop, instead of comparing the loop the call would go to.
+    const std::thread::id outer_loop_thread = std::this_thread::get_id();
+    std::thread::id sync_ran_on;
+    std::thread::id async_ran_on;
+    std::string cancelled_check;
+    int sum = run_in_worker([&] {
+        return anyio::run([&]() -> anyio::Task<int> {
+            int a = anyio::from_thread::run_sync([&] {
+                sync_ran_on = std::this_thread::get_id();
+                return 40;
+            });
+            int b = anyio::from_thread::run(add_on_loop, 1, 1, &async_ran_on);
+            cancelled_check = outcome_of([] { anyio::from_thread::check_cancelled(); });
+            co_await anyio::checkpoint();
+            co_return a + b;
+        });
+    });
+    CHECK(sum == 42);
+    CHECK(sync_ran_on == outer_loop_thread);
+    CHECK(async_ran_on == outer_loop_thread);
+    CHECK(cancelled_check == "returned");
+}

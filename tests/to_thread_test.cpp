@@ -8,11 +8,13 @@
 #include <anyio/task.hpp>
 #include <anyio/task_group.hpp>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <future>
@@ -27,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include "catch.hpp"
@@ -214,6 +217,32 @@ static_assert(can_run_sync<void (*)(int&), std::reference_wrapper<int>>);
 static_assert(can_run_sync<void (*)(const int&), int&>);
 
 thread_local bool start_hook_ran_here = false;
+
+// CPU time the calling thread has used so far.
+std::chrono::nanoseconds thread_cpu_time() {
+    std::timespec ts{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+}
+
+// This thread's timer slack, in nanoseconds.
+long timer_slack() { return static_cast<long>(::prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)); }
+
+// Sets this thread's timer slack for the guard's lifetime.
+class TimerSlackGuard {
+public:
+    explicit TimerSlackGuard(unsigned long slack) : previous_(timer_slack()) {
+        ::prctl(PR_SET_TIMERSLACK, slack, 0, 0, 0);
+    }
+    ~TimerSlackGuard() {
+        ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_), 0, 0, 0);
+    }
+    TimerSlackGuard(const TimerSlackGuard&) = delete;
+    TimerSlackGuard& operator=(const TimerSlackGuard&) = delete;
+
+private:
+    long previous_;
+};
 
 }  // namespace
 
@@ -1309,4 +1338,318 @@ TEST_CASE("Leaving run asks a blocking call still running for a leftover task to
     });
     CHECK(stop_seen);
     CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(5));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regression tests for issue 8 (the pool half)
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("With max_idle_time = duration::max() a loop offloads, keeps running its tasks and "
+          "sleeps without spinning",
+          "[to_thread][reaper]") {
+    // idle_since + max_idle_time used to overflow into the past: the reaper fired, re-armed
+    // itself in the past and fired again for ever, so no task ran again (100 % CPU). The loop
+    // runs on a thread of its own so that such a livelock fails the test instead of hanging it.
+    struct Outcome {
+        int value = 0;
+        int ticks = 0;
+        std::size_t timers_left = 0;
+        std::chrono::nanoseconds cpu_while_sleeping{};
+        std::string error;
+    };
+    auto promise = std::make_shared<std::promise<Outcome>>();
+    std::future<Outcome> future = promise->get_future();
+    std::thread loop_thread([promise] {
+        Outcome outcome;
+        try {
+            anyio::run(
+                [&outcome]() -> anyio::Task<> {
+                    outcome.value = co_await run_sync([] { return 7; });
+                    const auto cpu_before = thread_cpu_time();
+                    for (int i = 0; i < 20; ++i) {
+                        co_await anyio::sleep(5ms);
+                        ++outcome.ticks;
+                    }
+                    outcome.cpu_while_sleeping = thread_cpu_time() - cpu_before;
+                    outcome.timers_left = anyio::EventLoop::current()->timer_count();
+                }(),
+                {.max_idle_time = Clock::duration::max()});
+        } catch (const std::exception& error) {
+            outcome.error = error.what();
+        }
+        promise->set_value(outcome);
+    });
+    if (future.wait_for(10s) != std::future_status::ready) {
+        loop_thread.detach();  // livelocked: it never returns
+        FAIL("the loop did not finish within 10 s (the idle reaper livelocked it)");
+    }
+    loop_thread.join();
+    Outcome outcome = future.get();
+    CHECK(outcome.error.empty());
+    CHECK(outcome.value == 7);
+    CHECK(outcome.ticks == 20);
+    CHECK(outcome.timers_left == 0);  // no reaper armed at time_point::max()
+    // 100 ms of sleeping costs next to no CPU on a loop that parks.
+    CHECK(outcome.cpu_while_sleeping < 50ms);
+}
+
+TEST_CASE("100,000 calls queued for a token all get the error when no worker thread can start, "
+          "with no recursion per waiter",
+          "[to_thread][stress]") {
+    // A failed start returns the token, which used to hand it on to the next waiter from inside
+    // the failed waiter's own grant: one stack frame chain per queued call (a stack overflow).
+#if defined(ANYIO_TEST_SANITIZED)
+    static constexpr int calls = 20'000;
+#else
+    static constexpr int calls = 100'000;
+#endif
+    run_loop([]() -> anyio::Task<> {
+        anyio::CapacityLimiter limiter(1);
+        int holder = 0;
+        limiter.acquire_on_behalf_of_nowait(&holder);
+        int failed = 0;
+        int succeeded = 0;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            for (int i = 0; i < calls; ++i) {
+                tg.start_soon([&]() -> anyio::Task<> {
+                    try {
+                        co_await run_sync({.limiter = &limiter}, [] {});
+                        ++succeeded;
+                    } catch (const std::system_error&) {
+                        ++failed;
+                    }
+                });
+            }
+            co_await settle();
+            CHECK(limiter.statistics().tasks_waiting == static_cast<std::size_t>(calls));
+            anyio::detail::injected_thread_start_failures.store(calls);
+            limiter.release_on_behalf_of(&holder);  // the token goes down the whole queue
+        });
+        const int unused_failures = anyio::detail::injected_thread_start_failures.exchange(0);
+        CHECK(unused_failures == 0);
+        CHECK(failed == calls);
+        CHECK(succeeded == 0);
+        CHECK(limiter.borrowed_tokens() == 0);
+        CHECK(limiter.statistics().tasks_waiting == 0);
+        CHECK(pool_stats().threads_created == 0);
+        int value = co_await run_sync({.limiter = &limiter}, [] { return 1; });
+        CHECK(value == 1);
+    });
+}
+
+TEST_CASE("A run_sync call waiting for a token of a limiter that is destroyed gets "
+          "std::logic_error",
+          "[to_thread][limiter]") {
+    run_loop([]() -> anyio::Task<> {
+        auto limiter = std::make_unique<anyio::CapacityLimiter>(1);
+        int holder = 0;
+        limiter->acquire_on_behalf_of_nowait(&holder);
+        std::atomic<int> ran{0};
+        std::optional<std::string> error;
+        auto group = [&]() -> anyio::Task<> {
+            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+                tg.start_soon([&]() -> anyio::Task<> {
+                    try {
+                        co_await run_sync({.limiter = limiter.get()}, [&ran] { ++ran; });
+                    } catch (const std::logic_error& e) {
+                        error = e.what();
+                    }
+                });
+                co_await settle();
+                CHECK(limiter->statistics().tasks_waiting == 1);
+                limiter.reset();
+            });
+        };
+        // Bounded: a waiter nobody wakes fails the test instead of hanging it.
+        const bool finished = co_await anyio::move_on_after(5s, group());
+        CHECK(finished);
+        REQUIRE(error.has_value());
+        CHECK(error->find("CapacityLimiter") != std::string::npos);
+        CHECK(error->find("destroyed") != std::string::npos);
+        CHECK(ran == 0);
+        CHECK(pool_stats().threads_created == 0);
+    });
+}
+
+TEST_CASE("Reaping workers whose on_thread_stop is slow never blocks the loop",
+          "[to_thread][reaper]") {
+    // Retiring workers used to be joined on the loop thread, one after the other: ten 30 ms
+    // hooks froze the loop for about 300 ms.
+    constexpr int workers = 10;
+    std::atomic<int> stops{0};
+    run_loop(
+        [&]() -> anyio::Task<> {
+            co_await occupy_workers(workers);
+            Clock::duration max_lag{};
+            bool reaped = false;
+            const auto until = Clock::now() + 5s;
+            while (Clock::now() < until) {
+                auto stats = pool_stats();
+                if (stats.workers == 0 && stats.threads_pruned == workers) {
+                    reaped = true;
+                    break;
+                }
+                const auto before = Clock::now();
+                co_await anyio::sleep(1ms);
+                max_lag = std::max(max_lag, Clock::now() - before - 1ms);
+            }
+            CHECK(reaped);
+            CHECK(stops == workers);  // counted as workers until joined, after their hook
+            CHECK(max_lag < 100ms);
+        },
+        {.max_idle_time = 20ms, .on_thread_stop = [&] {
+             std::this_thread::sleep_for(30ms);
+             ++stops;
+         }});
+}
+
+TEST_CASE("Leaving run while idle workers are being reaped waits for their on_thread_stop and "
+          "joins them",
+          "[to_thread][reaper][shutdown]") {
+    run_loop([]() -> anyio::Task<> { co_await run_sync([] {}); });  // warm-up, see above
+    const std::size_t baseline = thread_count();
+    std::atomic<int> stops{0};
+    run_loop(
+        [&]() -> anyio::Task<> {
+            co_await occupy_workers(4);
+            // Return as soon as the reaper has stopped them: their hooks are still running.
+            const bool pruned =
+                co_await eventually([] { return pool_stats().threads_pruned == 4; }, 5000ms);
+            CHECK(pruned);
+        },
+        {.max_idle_time = 10ms, .on_thread_stop = [&] {
+             std::this_thread::sleep_for(100ms);
+             ++stops;
+         }});
+    CHECK(stops == 4);
+    CHECK(thread_count_returns_to(baseline));
+}
+
+TEST_CASE("An on_thread_start that throws fails the call that needed the thread, retires the "
+          "thread and returns the token",
+          "[to_thread]") {
+    std::atomic<int> starts{0};
+    std::atomic<int> stops{0};
+    run_loop(
+        [&]() -> anyio::Task<> {
+            anyio::CapacityLimiter limiter(1);
+            std::atomic<int> ran{0};
+            std::optional<std::string> error;
+            try {
+                co_await run_sync({.limiter = &limiter}, [&ran] { ++ran; });
+            } catch (const CustomError& e) {
+                error = e.what();
+            }
+            CHECK(error == std::optional<std::string>("start hook failed"));
+            CHECK(ran == 0);
+            CHECK(limiter.borrowed_tokens() == 0);
+            CHECK(limiter.statistics().borrowers.empty());
+
+            // The next call works, on a thread that started.
+            int value = co_await run_sync({.limiter = &limiter}, [] { return 7; });
+            CHECK(value == 7);
+            CHECK(limiter.borrowed_tokens() == 0);
+            const bool retired = co_await eventually([] { return pool_stats().workers == 1; });
+            CHECK(retired);
+            auto stats = pool_stats();
+            CHECK(stats.threads_created == 2);
+            CHECK(stats.idle_workers == 1);
+            CHECK(stats.jobs_completed == 1);
+        },
+        {.on_thread_start =
+             [&] {
+                 if (starts++ == 0) throw CustomError("start hook failed");
+             },
+         .on_thread_stop = [&] { ++stops; }});
+    CHECK(starts == 2);
+    CHECK(stops == 1);  // on_thread_stop runs only on threads that started
+}
+
+TEST_CASE("Worker threads run with the timer slack the loop's thread had before the loop "
+          "lowered it",
+          "[to_thread]") {
+    long on_loop = 0;
+    long on_worker = 0;
+    long on_worker_of_nested_loop = 0;
+    {
+        TimerSlackGuard slack(123'456);  // neither the kernel's default nor the loop's 1 ns
+        run_loop([&]() -> anyio::Task<> {
+            on_loop = timer_slack();
+            on_worker = co_await run_sync(timer_slack);
+            // A worker that runs a loop of its own hands the same value on to its workers.
+            on_worker_of_nested_loop = co_await run_sync([] {
+                return anyio::run([]() -> anyio::Task<long> {
+                    co_return co_await anyio::to_thread::run_sync(timer_slack);
+                });
+            });
+        });
+        CHECK(timer_slack() == 123'456);  // the loop gave this thread its value back
+    }
+    CHECK(on_loop == 1);
+    CHECK(on_worker == 123'456);
+    CHECK(on_worker_of_nested_loop == 123'456);
+}
+
+TEST_CASE("A std::stop_callback registered by fn runs on the loop thread, inside the "
+          "cancellation",
+          "[to_thread]") {
+    // Decided and documented (to_thread.hpp): as with std::stop_source::request_stop, stop
+    // callbacks run on the thread that requests the stop, which is the loop thread, before
+    // cancel() returns; they must be short and never wait for fn.
+    run_loop([]() -> anyio::Task<> {
+        const auto loop_thread = std::this_thread::get_id();
+        Signal registered;
+        anyio::CancelScope scope;
+        bool callback_ran = false;  // loop thread only
+        std::thread::id callback_thread;
+        auto blocking = [&](std::stop_token stop) {
+            std::stop_callback on_stop(stop, [&] {
+                callback_thread = std::this_thread::get_id();
+                callback_ran = true;
+            });
+            registered.notify();
+            const auto until = Clock::now() + safety_timeout;
+            while (!stop.stop_requested() && Clock::now() < until) {
+                std::this_thread::sleep_for(1ms);
+            }
+        };
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                auto call = [&]() -> anyio::Task<> {
+                    co_await run_sync(blocking);
+                    co_await anyio::checkpoint();  // where the (shielded) call's Cancelled comes
+                };
+                co_await scope.run(call());
+            });
+            const bool registered_notified = co_await registered.wait();
+            CHECK(registered_notified);
+            scope.cancel();
+            CHECK(callback_ran);  // already: cancel() ran it
+            CHECK(callback_thread == loop_thread);
+        });
+        CHECK(scope.cancelled_caught());
+    });
+}
+
+TEST_CASE("Awaiting a run_sync awaiter a second time throws std::logic_error and does not run fn "
+          "again",
+          "[to_thread]") {
+    run_loop([]() -> anyio::Task<> {
+        std::atomic<int> runs{0};
+        auto call = run_sync([&runs](std::string text) {
+            ++runs;
+            return text.size();
+        }, std::string("abc"));
+        const std::size_t first = co_await call;
+        CHECK(first == 3);
+        std::optional<std::string> error;
+        try {
+            (void)co_await call;
+        } catch (const std::logic_error& e) {
+            error = e.what();
+        }
+        REQUIRE(error.has_value());
+        CHECK(error->find("run_sync") != std::string::npos);
+        CHECK(runs == 1);
+    });
 }

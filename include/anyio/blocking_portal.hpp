@@ -14,9 +14,12 @@
 #include <type_traits>
 #include <utility>
 
+#include <sys/prctl.h>
+
 #include "event.hpp"
 #include "event_loop.hpp"
 #include "detail/signal_mask.hpp"
+#include "detail/worker_thread.hpp"
 #include "from_thread.hpp"
 #include "task.hpp"
 #include "task_group.hpp"
@@ -37,6 +40,10 @@ namespace anyio {
 /// frames; start_task_soon() allocates one node (the arguments are copied into it). After
 /// stop(), every call throws RunFinishedError. stop() waits for running tasks; stop(true)
 /// cancels them first. The loop thread is named and joined by stop() or the destructor.
+/// The destructor never blocks where that would deadlock: on the portal's own loop thread, or
+/// on a worker thread of that loop, it asks the loop to stop, lets its thread go, and the
+/// thread frees the portal's state once the loop has ended. The portal's thread blocks every
+/// asynchronous signal and runs with the timer slack of the thread that started it.
 class BlockingPortal {
 public:
     BlockingPortal(BlockingPortal&&) noexcept = default;
@@ -56,9 +63,10 @@ public:
     decltype(auto) call(F&& fn, Args&&... args) {
         const LoopToken& token = running_token("call");
         if constexpr (returns_task<F&, Args&...>) {
+            const from_thread::detail::Target target =
+                from_thread::detail::resolve(token, "BlockingPortal::call");
             return from_thread::detail::call_async(
-                from_thread::detail::resolve(token, "BlockingPortal::call"), &state_->group, fn,
-                args...);
+                *target.loop, from_thread::detail::InPortal{&state_->tasks}, fn, args...);
         } else {
             return from_thread::run_sync(token, fn, args...);
         }
@@ -101,9 +109,9 @@ public:
         if (state_->stopped.load(std::memory_order_acquire)) return;  // acquire: see below
         try {
             from_thread::run_sync(state_->token, [state = state_.get(), cancel_remaining] {
-                state->group = nullptr;  // refuse new calls from now on
-                if (cancel_remaining && state->running_group != nullptr) {
-                    state->running_group->cancel_scope().cancel();
+                state->tasks.stopped = true;  // refuse new calls from now on
+                if (cancel_remaining && state->tasks.group != nullptr) {
+                    state->tasks.group->cancel_scope().cancel();
                 }
                 state->stop_requested.set();
             });
@@ -120,16 +128,35 @@ public:
 private:
     friend BlockingPortal start_blocking_portal(EventLoop::Options options);
 
+    struct State;
+
+    /// Stops the portal without waiting for it (its destructor, on the portal's own loop
+    /// thread or on a worker thread of that loop): runs on the portal's loop thread, which
+    /// then frees the state itself once its loop has ended.
+    struct LetGoNode final : detail::Runnable {
+        explicit LetGoNode(State* state) noexcept : Runnable(&invoke), state(state) {}
+        static void invoke(detail::Runnable* self, bool run) noexcept {
+            State* state = static_cast<LetGoNode*>(self)->state;
+            if (run) {
+                state->tasks.stopped = true;
+                state->stop_requested.set();
+            }
+            state->frees_itself = true;
+            state->thread.detach();  // this very thread: nobody will join it
+        }
+        State* state;
+    };
+
     struct State {
         LoopToken token;
-        TaskGroup* group = nullptr;          // loop side: accepting calls while non-null
-        TaskGroup* running_group = nullptr;  // loop side
-        Event stop_requested;                // loop side
+        from_thread::detail::PortalTasks tasks;  // loop side
+        Event stop_requested;                    // loop side
+        LetGoNode let_go{this};                  // posted once, by a destructor that cannot wait
         std::thread thread;
         std::thread::id loop_thread_id;
         std::mutex stop_mutex;
         std::atomic<bool> stopped{false};
-        bool frees_itself = false;  // loop thread only: set when destroyed on that thread
+        bool frees_itself = false;  // loop thread only (see LetGoNode)
     };
 
     template <class R, class F, class... Args>
@@ -141,13 +168,14 @@ private:
 
         static void invoke(detail::Runnable* self, bool run) {
             std::unique_ptr<SpawnNode> node(static_cast<SpawnNode*>(self));
-            if (!run || node->state->group == nullptr) {
+            const from_thread::detail::PortalTasks& tasks = node->state->tasks;
+            if (!run || tasks.stopped || tasks.group == nullptr) {
                 node->promise.set_exception(std::make_exception_ptr(RunFinishedError()));
                 return;
             }
             std::exception_ptr error;
             try {
-                TaskGroup* group = node->state->group;
+                TaskGroup* group = tasks.group;
                 Task<R> task = std::apply(node->fn, node->args);
                 group->start_soon(run_task(std::move(task), std::move(node)));
             } catch (...) {
@@ -180,20 +208,31 @@ private:
     }
 
     void stop_noexcept() noexcept {
+        // acquire: as in running_token.
+        if (!state_ || state_->stopped.load(std::memory_order_acquire)) return;
+        if (std::this_thread::get_id() == state_->loop_thread_id) {
+            // On its own loop thread, which cannot join itself: the loop stops and the thread
+            // frees the state once run() has returned.
+            State* state = state_.release();
+            LetGoNode::invoke(&state->let_go, true);
+            return;
+        }
+        if (detail::current_worker_loop == state_->token.shared()) {
+            // On a worker thread of its own loop, whose shutdown waits for this very worker:
+            // the same, through the loop's inbox.
+            State* state = state_.release();
+            if (!state->token.post(&state->let_go)) {
+                // The loop has already finished (it waits for no worker any more): its
+                // thread is ending, so join it here.
+                state->thread.join();
+                delete state;
+            }
+            return;
+        }
         try {
             stop();
         } catch (...) {
-            // Destroyed on its own loop thread, which cannot join itself: ask the loop to stop,
-            // let the thread go, and let it free the state once its loop has ended.
-            if (state_ && state_->thread.joinable() &&
-                std::this_thread::get_id() == state_->loop_thread_id) {
-                state_->group = nullptr;
-                state_->stop_requested.set();
-                state_->frees_itself = true;
-                state_->thread.detach();
-                (void)state_.release();
-            }
-            // From a worker of its own loop: nothing safe to do but leave the portal running.
+            // Only a system error from the mutex is left: nothing safe to do but let it run.
         }
     }
 
@@ -207,19 +246,27 @@ inline BlockingPortal start_blocking_portal(EventLoop::Options options = {}) {
     std::promise<LoopToken> started;
     std::future<LoopToken> token = started.get_future();
     BlockingPortal::State* raw = state.get();
+    // The new thread inherits this thread's timer slack, which is a loop's 1 ns if this thread
+    // runs one: then it takes the value that thread had before its loop lowered it.
+    EventLoop* here = EventLoop::current();
+    const int slack = here != nullptr ? here->shared().inherited_timer_slack()
+                                      : ::prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
     detail::BlockAsyncSignals blocked;  // the portal's loop thread takes no signals either
-    state->thread = std::thread([raw, &started, options = std::move(options)]() mutable {
+    state->thread = std::thread([raw, &started, slack, options = std::move(options)]() mutable {
+        if (slack > 0) ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(slack), 0, 0, 0);
         ::pthread_setname_np(::pthread_self(), "anyio portal");
         bool announced = false;  // after this, `started` (on the caller's stack) is gone
         auto body = [raw, &started, &announced]() -> Task<void> {
+            struct ForgetGroup {
+                BlockingPortal::State* state;
+                ~ForgetGroup() { state->tasks.group = nullptr; }  // however the group ends
+            } forget_group{raw};
             co_await task_group([raw, &started, &announced](TaskGroup& group) -> Task<void> {
-                raw->group = &group;
-                raw->running_group = &group;
+                raw->tasks.group = &group;
                 announced = true;
                 started.set_value(lowlevel::current_token());
                 co_await raw->stop_requested.wait();
             });
-            raw->running_group = nullptr;
         };
         try {
             run(body(), options);

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
 
 #include "cancel_scope.hpp"
 #include "detail/remote_inbox.hpp"
@@ -33,6 +34,23 @@ struct Target {
     anyio::detail::JobBase* job = nullptr;
 };
 
+/// The tasks of a BlockingPortal, as its calls see them (loop side).
+struct PortalTasks {
+    TaskGroup* group = nullptr;  // the portal's task group, while it runs
+    bool stopped = false;        // the portal no longer accepts calls (stop() was called)
+};
+
+/// Where the coroutine of a from_thread::run call (or of a portal call) runs.
+struct UnderCaller {
+    // A task of its own, under the scope of the task that called to_thread::run_sync on this
+    // worker, so that cancelling that task cancels it; nullptr: no such task (a plain thread).
+    anyio::detail::JobBase* job = nullptr;
+};
+struct InPortal {
+    PortalTasks* tasks = nullptr;  // a child of the portal's task group
+};
+using SpawnTarget = std::variant<UnderCaller, InPortal>;
+
 [[noreturn]] inline void throw_on_loop_thread(const char* what) {
     throw std::logic_error(std::string("anyio::from_thread::") + what +
                            " was called on the event loop's own thread, where it would block "
@@ -40,13 +58,18 @@ struct Target {
 }
 
 inline Target resolve(const char* what) {
-    if (EventLoop::current() != nullptr) throw_on_loop_thread(what);
-    if (anyio::detail::current_job == nullptr || anyio::detail::current_worker_loop == nullptr) {
+    anyio::detail::JobBase* job = anyio::detail::current_job;
+    anyio::detail::LoopShared* loop = anyio::detail::current_worker_loop;
+    if (job == nullptr || loop == nullptr) {
+        if (EventLoop::current() != nullptr) throw_on_loop_thread(what);
         throw NoEventLoopError(std::string("anyio::from_thread::") + what +
                                ": this thread is not an anyio worker thread; pass a LoopToken "
                                "(anyio::lowlevel::current_token()) or use a BlockingPortal");
     }
-    return {anyio::detail::current_worker_loop, anyio::detail::current_job};
+    // A worker: the call goes to the loop whose job it runs. That loop never runs on a worker
+    // thread, so it cannot be this thread's; a loop the worker runs itself (a nested
+    // anyio::run) is another loop, which waits while the call blocks this thread.
+    return {loop, job};
 }
 
 inline Target resolve(const LoopToken& token, const char* what) {
@@ -128,15 +151,15 @@ private:
 template <class F, class... Args>
 using async_result_t = typename std::invoke_result_t<F&, Args&...>::value_type;
 
-/// Runs the coroutine `fn(args...)` as a new task on the loop: under the calling worker's
-/// host scope (so cancelling the host cancels it), or in `group` (a portal's task group).
+/// Runs the coroutine `fn(args...)` as a new task on the loop, where `where` says: under the
+/// calling worker's host scope (so cancelling the host cancels it), or in a portal's group.
 template <class F, class... Args>
 class AsyncCall final : public BlockingCall<async_result_t<F, Args...>> {
     using R = async_result_t<F, Args...>;
 
 public:
-    AsyncCall(anyio::detail::JobBase* job, TaskGroup* const* group, F& fn, Args&... args) noexcept
-        : BlockingCall<R>(&invoke), job_(job), group_(group), fn_(fn), args_(args...) {}
+    AsyncCall(SpawnTarget where, F& fn, Args&... args) noexcept
+        : BlockingCall<R>(&invoke), where_(where), fn_(fn), args_(args...) {}
 
 private:
     static void invoke(anyio::detail::Runnable* self, bool run) {
@@ -161,28 +184,30 @@ private:
 
     void start(EventLoop& loop) {
         Task<R> task = std::apply(fn_, args_);  // creates the frame; nothing runs yet
-        if (group_ != nullptr) {
-            if (*group_ == nullptr) throw RunFinishedError();
-            (*group_)->start_soon(deliver(std::move(task), this));
+        if (const auto* portal = std::get_if<InPortal>(&where_)) {
+            PortalTasks& tasks = *portal->tasks;
+            if (tasks.stopped || tasks.group == nullptr) throw RunFinishedError();
+            tasks.group->start_soon(deliver(std::move(task), this));
             return;
         }
+        anyio::detail::JobBase* job = std::get<UnderCaller>(where_).job;
         CancelScope* parent = nullptr;
-        if (job_ != nullptr) {
-            if (job_->abandoned_) {
+        if (job != nullptr) {
+            if (job->caller_left()) {
                 scope_.cancel();  // the host was cancelled and left: so is this call
             } else {
-                parent = job_->host_scope_;
+                parent = job->host_scope_;
             }
         }
         Task<void> body = deliver(std::move(task), this);
         scope_.activate(loop, parent);
-        if (job_ != nullptr) job_->call_scope_ = &scope_;
+        if (job != nullptr) job->call_scope_ = &scope_;
         try {
             scope_.adopt(loop.spawn(std::move(body)));
         } catch (...) {
             // Out of memory: unlink the scope (it lives on the caller's stack) before the
             // caller is released with the error.
-            if (job_ != nullptr) job_->call_scope_ = nullptr;
+            if (job != nullptr) job->call_scope_ = nullptr;
             scope_.deactivate();
             throw;
         }
@@ -194,9 +219,10 @@ private:
         struct Finisher {
             AsyncCall* call;
             ~Finisher() {
-                if (call->group_ == nullptr) {
-                    if (call->job_ != nullptr && call->job_->call_scope_ == &call->scope_) {
-                        call->job_->call_scope_ = nullptr;
+                if (const auto* caller = std::get_if<UnderCaller>(&call->where_)) {
+                    anyio::detail::JobBase* job = caller->job;
+                    if (job != nullptr && job->call_scope_ == &call->scope_) {
+                        job->call_scope_ = nullptr;
                     }
                     call->scope_.deactivate();
                 }
@@ -206,9 +232,8 @@ private:
         co_await anyio::detail::deliver_result(std::move(task), &call->result_);
     }
 
-    anyio::detail::JobBase* job_;
-    TaskGroup* const* group_;
-    CancelScope scope_;
+    SpawnTarget where_;
+    CancelScope scope_;  // the task's scope when it runs under the caller (UnderCaller)
     F& fn_;
     std::tuple<Args&...> args_;
 };
@@ -220,9 +245,10 @@ decltype(auto) call_sync(Target target, F& fn, Args&... args) {
 }
 
 template <class F, class... Args>
-decltype(auto) call_async(Target target, TaskGroup* const* group, F& fn, Args&... args) {
-    AsyncCall<F, Args...> call(target.job, group, fn, args...);
-    return call.post_and_wait(*target.loop);
+decltype(auto) call_async(anyio::detail::LoopShared& loop, SpawnTarget where, F& fn,
+                          Args&... args) {
+    AsyncCall<F, Args...> call(where, fn, args...);
+    return call.post_and_wait(loop);
 }
 
 }  // namespace detail
@@ -230,20 +256,24 @@ decltype(auto) call_async(Target target, TaskGroup* const* group, F& fn, Args&..
 /// From a worker thread (inside to_thread::run_sync): runs the coroutine `async_fn(args...)`
 /// on the loop as a new task and blocks until it finishes; returns its value or rethrows.
 /// The task runs under the scope of the task that called run_sync, so cancelling that task
-/// cancels it too. Throws NoEventLoopError on a thread that is not a worker,
-/// std::logic_error on the loop thread, RunFinishedError once the loop has finished.
-/// Allocates nothing but the new task's frames.
+/// cancels it too. The call goes to the loop whose job the worker runs, also from inside a
+/// loop the worker runs itself (a nested anyio::run, which waits meanwhile). Throws
+/// NoEventLoopError on a thread that is not a worker, std::logic_error on a loop thread that
+/// is not a worker, RunFinishedError once the loop has finished. Allocates nothing but the
+/// new task's frames.
 template <class F, class... Args>
     requires(!std::same_as<std::decay_t<F>, LoopToken> && returns_task<F&, Args&...>)
 decltype(auto) run(F&& async_fn, Args&&... args) {
-    return detail::call_async(detail::resolve("run"), nullptr, async_fn, args...);
+    const detail::Target target = detail::resolve("run");
+    return detail::call_async(*target.loop, detail::UnderCaller{target.job}, async_fn, args...);
 }
 
 /// The same from any thread, given a token of the loop.
 template <class F, class... Args>
     requires returns_task<F&, Args&...>
 decltype(auto) run(const LoopToken& token, F&& async_fn, Args&&... args) {
-    return detail::call_async(detail::resolve(token, "run"), nullptr, async_fn, args...);
+    const detail::Target target = detail::resolve(token, "run");
+    return detail::call_async(*target.loop, detail::UnderCaller{target.job}, async_fn, args...);
 }
 
 /// From a worker thread: runs `fn(args...)` on the loop thread and blocks until it returns;

@@ -7,13 +7,21 @@
 //     -> the worker runs fn; the job (fn, args, result slot) lives in this awaiter
 //     -> the worker posts the job back through the loop's lock-free inbox
 //     -> on the loop: worker idle again, token to the next waiter, the caller resumes
+//
+// Worker threads block every asynchronous signal from their first instruction (the mask is
+// set around their creation: detail/signal_mask.hpp), so a signal is never delivered to one;
+// the synchronous ones (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS) stay deliverable.
+// They also run with the timer slack of the thread that created the loop, not with the 1 ns
+// the loop uses for itself.
 #pragma once
 
 #include <concepts>
 #include <coroutine>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <optional>
+#include <stdexcept>
 #include <stop_token>
 #include <tuple>
 #include <type_traits>
@@ -80,8 +88,8 @@ public:
     static constexpr bool with_stop_token = takes_stop_token<F, Args...>;
 
     template <class Fn, class... As>
-    Job(bool on_heap, Fn&& fn, As&&... args)
-        : JobBase(&execute, on_heap ? &destroy : nullptr),
+    Job(Storage storage, Fn&& fn, As&&... args)
+        : JobBase(storage, &execute, &fail_with, &destroy),
           fn_(std::forward<Fn>(fn)),
           args_(std::forward<As>(args)...) {
         if constexpr (with_stop_token) {
@@ -111,6 +119,9 @@ private:
                 job->args_);
         });
     }
+    static void fail_with(JobBase* self, std::exception_ptr error) noexcept {
+        static_cast<Job*>(self)->fail(std::move(error));
+    }
     static void destroy(JobBase* self) noexcept { delete static_cast<Job*>(self); }
 
     struct NoStopSource {};
@@ -122,9 +133,11 @@ private:
 };
 
 /// The awaitable run_sync returns. Not movable: the job and the queue nodes live inside it.
+/// Awaited once; a second co_await throws std::logic_error.
 template <class F, class... Args>
 class [[nodiscard]] RunSyncAwaiter final : anyio::detail::Wait, anyio::detail::LimiterWaiter {
     using JobType = Job<F, Args...>;
+    using JobBase = anyio::detail::JobBase;
 
 public:
     using result_type = typename JobType::result_type;
@@ -132,19 +145,19 @@ public:
     template <class Fn, class... As>
     RunSyncAwaiter(RunSyncOptions options, Fn&& fn, As&&... args)
         : Wait(&on_cancel),
-          LimiterWaiter(&on_granted),
+          LimiterWaiter(&on_woken),
           service_(&service("to_thread::run_sync")),
           limiter_(options.limiter != nullptr ? options.limiter : &service_->default_limiter()),
           abandon_on_cancel_(options.abandon_on_cancel) {
         // The job lives in this awaiter (no allocation) unless a worker may outlive the
-        // awaiting frame: after abandon_on_cancel, or when the loop may detach busy workers
-        // at shutdown (shutdown_timeout). Then it is a heap block the worker can own.
+        // awaiting frame: after abandon_on_cancel, or when the loop may give up on busy
+        // workers at shutdown (shutdown_timeout). Then it is a heap block (see JobBase).
         if (abandon_on_cancel_ || service_->pool().may_detach_workers()) {
-            job_ = new JobType(true, std::forward<Fn>(fn), std::forward<As>(args)...);
-            owns_heap_job_ = true;
-            job_->awaiter_owns_ = &owns_heap_job_;
+            job_ = new JobType(JobBase::Storage::heap, std::forward<Fn>(fn),
+                               std::forward<As>(args)...);
         } else {
-            job_ = &inline_job_.emplace(false, std::forward<Fn>(fn), std::forward<As>(args)...);
+            job_ = &inline_job_.emplace(JobBase::Storage::in_awaiter, std::forward<Fn>(fn),
+                                        std::forward<As>(args)...);
         }
         hold_ = &job_->hold_;
     }
@@ -152,18 +165,21 @@ public:
     RunSyncAwaiter& operator=(const RunSyncAwaiter&) = delete;
     ~RunSyncAwaiter() {
         if (phase_ == Phase::waiting_for_token) limiter_->dequeue(*this);
-        if (owns_heap_job_) delete job_;
+        if (job_ != nullptr) JobBase::let_go(job_, JobBase::awaiter_holds);
     }
 
     bool await_ready() const noexcept { return false; }
 
     bool await_suspend(std::coroutine_handle<> handle) {
+        if (phase_ != Phase::created) throw_awaited_twice();
+        phase_ = Phase::done;  // until the call waits or runs: an exception below ends it
         task_ = &CancelScope::current_task("to_thread::run_sync");
         // anyio's checkpoint before the call: a cancelled caller starts nothing.
         if (anyio::detail::is_cancelled(*task_)) {
             phase_ = Phase::cancelled;
             return false;
         }
+        handle_ = handle;
         job_->host_ = task_;
         job_->resume_ = handle;
         job_->host_scope_ = task_->scope_;
@@ -184,7 +200,28 @@ public:
     }
 
 private:
-    enum class Phase : unsigned char { created, waiting_for_token, running, cancelled, abandoned };
+    // created            not awaited yet (awaiting it again from any other phase throws)
+    // waiting_for_token  queued in the limiter; cancellable (-> cancelled)
+    // running            on a worker; the caller resumes with the completion, the outcome in
+    //                    the job; cancellation is passed on, or (abandon_on_cancel) -> abandoned
+    // done               ended without running fn: with the error in the job (no thread
+    //                    could start, the limiter was destroyed) or thrown by await_suspend
+    // cancelled          cancelled before it started, or while waiting for its token
+    // abandoned          the caller left; the job runs on and frees itself (JobBase)
+    enum class Phase : unsigned char {
+        created,
+        waiting_for_token,
+        running,
+        done,
+        cancelled,
+        abandoned
+    };
+
+    [[noreturn]] static void throw_awaited_twice() {
+        throw std::logic_error(
+            "anyio::to_thread::run_sync: this call was already awaited; a run_sync awaiter "
+            "runs fn once: call run_sync again for another run");
+    }
 
     void start() {
         try {
@@ -196,13 +233,17 @@ private:
         phase_ = Phase::running;
     }
 
-    static void on_granted(LimiterWaiter* waiter) {
+    /// The limiter's wait ended: the token is ours (start), or the limiter is gone.
+    static void on_woken(LimiterWaiter* waiter) noexcept {
         auto* self = static_cast<RunSyncAwaiter*>(waiter);
         try {
+            if (self->outcome_ == Outcome::limiter_destroyed) {
+                anyio::detail::throw_limiter_destroyed("to_thread::run_sync");
+            }
             self->start();
         } catch (...) {
             self->job_->fail(std::current_exception());
-            self->phase_ = Phase::running;  // await_resume rethrows the error
+            self->phase_ = Phase::done;  // await_resume rethrows the error
             self->resume();
         }
     }
@@ -219,6 +260,7 @@ private:
         case Phase::running:
             // release: check_cancelled() on the worker reads this with acquire.
             self->job_->cancelled_.store(true, std::memory_order_release);
+            // fn's std::stop_callbacks run here, on the loop thread (see run_sync).
             self->job_->request_stop();
             if (self->abandon_on_cancel_) self->abandon();
             break;  // shielded: the caller resumes when fn returns
@@ -230,9 +272,6 @@ private:
     /// The caller leaves now; the job (a heap block) stays with the worker, keeps its token
     /// until fn returns, and is freed on the loop when its completion arrives.
     void abandon() {
-        job_->abandoned_ = true;
-        job_->awaiter_owns_ = nullptr;
-        owns_heap_job_ = false;
         job_->host_ = nullptr;
         job_->host_scope_ = nullptr;
         if (CancelScope* call_scope = job_->call_scope_) {
@@ -241,19 +280,20 @@ private:
             call_scope->cancel();
             call_scope->detach_from_parent();
         }
+        JobBase::let_go(std::exchange(job_, nullptr), JobBase::awaiter_holds);
         phase_ = Phase::abandoned;
         resume();
     }
 
-    void resume() noexcept { task_->loop_->schedule_task(*task_, job_->resume_); }
+    void resume() noexcept { task_->loop_->schedule_task(*task_, handle_); }
 
     ToThreadService* service_;
     CapacityLimiter* limiter_;
-    JobType* job_ = nullptr;
-    std::optional<JobType> inline_job_;  // the job, in the default (shielded) mode
+    JobType* job_ = nullptr;  // nullptr once this awaiter has let go of it (abandoned)
+    std::optional<JobType> inline_job_;  // the job's storage in the default (shielded) mode
     anyio::detail::TaskState* task_ = nullptr;
+    std::coroutine_handle<> handle_;
     bool abandon_on_cancel_;
-    bool owns_heap_job_ = false;  // a heap job this awaiter frees (until abandoned/orphaned)
     Phase phase_ = Phase::created;
 };
 
@@ -265,7 +305,21 @@ concept offloadable = std::is_invocable_v<std::decay_t<F>, std::decay_t<Args>...
 
 /// Runs `fn(args...)` on a worker thread and yields its result on the loop thread (or
 /// rethrows what it threw). `fn` and `args` are decay-copied (use std::ref for references).
-/// Throws NoEventLoopError at the call when no loop runs on this thread.
+/// Throws NoEventLoopError at the call when no loop runs on this thread; std::logic_error at
+/// co_await for a limiter of another loop's thread, or when the awaiter is awaited again;
+/// std::system_error when no worker thread can be started; the exception on_thread_start
+/// threw when the thread started for this call failed its start hook.
+///
+/// stop_token: if fn is invocable as fn(std::stop_token, args...), it is called that way and
+/// the token is requested to stop when the awaiting task is cancelled (both modes) or when
+/// leaving run() finds the call still running. As everywhere with std::stop_source, the
+/// request runs the std::stop_callbacks registered on the token synchronously, on the
+/// requesting thread: here the loop thread, inside the cancellation (before cancel() returns).
+/// Keep such callbacks short and non-blocking, as any loop callback: set a flag, notify a
+/// condition variable, shutdown() a socket; never take a lock that fn holds while it blocks,
+/// or the loop waits for fn. (Requesting the stop on another thread was considered and
+/// rejected: it would cost a thread, delay the request, and lose the guarantee that
+/// stop_requested() is true as soon as the cancellation has been delivered.)
 ///
 /// g++ 12 pitfall (a compiler bug, not avoidable here): a lambda with captures that have
 /// destructors, written inside the co_await expression (`co_await run_sync([p] {...})`), is

@@ -15,6 +15,7 @@
 
 #include <linux/futex.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -39,7 +40,9 @@ class LoopShared {
 public:
     enum ParkState : std::uint32_t { running = 0, parked_on_futex = 1, parked_in_poller = 2 };
 
-    LoopShared() : event_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+    LoopShared()
+        : event_fd_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
+          inherited_timer_slack_(::prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0)) {
         if (event_fd_ < 0) {
             throw std::system_error(errno, std::generic_category(),
                                     "anyio: eventfd() failed while creating an event loop");
@@ -133,6 +136,10 @@ public:
         return loop_cpu_.load(std::memory_order_relaxed);  // relaxed: a scheduling hint
     }
 
+    /// The timer slack (ns) of the thread that created the loop, read before the loop lowers
+    /// its own to 1 ns while it runs: threads the loop starts go back to it (-1 if unknown).
+    [[nodiscard]] int inherited_timer_slack() const noexcept { return inherited_timer_slack_; }
+
     /// Statistics for benchmarks: how many wake-ups were actually sent.
     [[nodiscard]] std::uint64_t wakeups_sent() const noexcept {
         return wakeups_sent_.load(std::memory_order_relaxed);  // relaxed: a counter
@@ -176,6 +183,7 @@ private:
     std::atomic<std::uint64_t> wakeups_sent_{0};
     std::atomic<int> loop_cpu_{-1};
     int event_fd_;
+    const int inherited_timer_slack_;
 };
 
 }  // namespace anyio::detail

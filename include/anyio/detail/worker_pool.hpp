@@ -6,9 +6,12 @@
 // - a worker goes back to the idle list on the loop, before the awaiting task resumes;
 // - workers idle for max_idle_time or longer are stopped oldest first, at each dispatch and
 //   also by a loop timer when there is no traffic;
-// - leaving run() stops and joins every worker after its current job, or detaches the ones
-//   still busy after shutdown_timeout (their late completions are dropped safely).
-// Loop-thread only.
+// - the loop never waits for a worker: a retiring worker runs on_thread_stop on its own and
+//   then posts an "exited" node, and the loop joins it when that node arrives;
+// - leaving run() stops every worker after its current job and joins it (the loop runs
+//   until each has reported its exit), or gives up on the ones still busy after
+//   shutdown_timeout (their late completions are dropped safely).
+// Loop-thread only. Stands on the public capacity_limiter.hpp and event_loop.hpp.
 #pragma once
 
 #include <chrono>
@@ -27,7 +30,7 @@ namespace anyio {
 
 /// to_thread::statistics() of a loop's worker pool.
 struct WorkerPoolStatistics {
-    std::size_t workers = 0;       // threads alive now
+    std::size_t workers = 0;       // threads alive now: idle, busy, or stopping (not yet joined)
     std::size_t idle_workers = 0;
     std::size_t busy_workers = 0;
     std::uint64_t threads_created = 0;
@@ -51,13 +54,23 @@ public:
     }
     WorkerPool(const WorkerPool&) = delete;
     WorkerPool& operator=(const WorkerPool&) = delete;
+    /// shutdown() ran before and left no thread behind. This is the fallback for a loop torn
+    /// down without it: services are destroyed after the loop closed its inbox, so no exited
+    /// node can arrive any more and joining here is the only way left.
     ~WorkerPool() {
         loop_->remove_timer(&reaper_);
-        // shutdown() ran before; anything left here is stopped and joined now.
-        while (WorkerThread* worker = idle_.pop_front()) retire(worker);
+        while (WorkerThread* worker = idle_.pop_front()) {
+            worker->request_stop();
+            worker->join();
+            delete worker;
+        }
+        while (WorkerThread* worker = retiring_.pop_front()) {
+            worker->join();
+            delete worker;
+        }
     }
 
-    /// True if shutdown may detach a busy worker (a shutdown_timeout is set): its job must
+    /// True if shutdown may give up on a busy worker (a shutdown_timeout is set): its job must
     /// then live on the heap, where the worker can own it after the awaiting frame is gone.
     [[nodiscard]] bool may_detach_workers() const noexcept { return shutdown_timeout_.has_value(); }
 
@@ -81,6 +94,7 @@ public:
         ++busy_count_;
         job.pool_ = this;
         job.worker_ = worker;
+        job.dispatched();
         loop_->remote_work_started();
         worker->give(&job);
     }
@@ -88,10 +102,14 @@ public:
     /// The job's completion reached the loop: its worker is idle again (most recent first).
     void completed(JobBase& job) noexcept {
         WorkerThread* worker = job.worker_;
-        worker->ListHook<BusyWorkersTag>::unlink();
+        worker->ListHook<WorkerListTag>::unlink();
         --busy_count_;
-        ++jobs_completed_;
         loop_->remote_work_finished();
+        if (worker->start_failed()) {
+            retire(worker);  // its thread is already on its way out
+            return;
+        }
+        ++jobs_completed_;
         if (shutting_down_) {
             retire(worker);
             return;
@@ -99,7 +117,16 @@ public:
         worker->idle_since_ = std::chrono::steady_clock::now();
         idle_.push_front(*worker);
         ++idle_count_;
-        if (!reaper_.queued()) loop_->add_timer(&reaper_, worker->idle_since_ + max_idle_time_);
+        if (!reaper_.queued()) arm_reaper(worker->idle_since_);
+    }
+
+    /// A retiring worker has run on_thread_stop and posted its exited node: only the thread's
+    /// own exit is left, so joining it here costs the loop next to nothing.
+    void exited(WorkerThread* worker) noexcept {
+        worker->ListHook<WorkerListTag>::unlink();
+        --retiring_count_;
+        worker->join();
+        delete worker;
     }
 
     void shutdown() {
@@ -109,7 +136,72 @@ public:
             --idle_count_;
             retire(worker);
         }
-        if (busy_count_ == 0) return;
+        if (busy_count_ > 0) wait_for_busy_workers();
+        // Every worker not given up is joined before run() returns. The loop keeps running
+        // meanwhile (it never blocks on a join): each exited node ends one retiring worker.
+        loop_->run_until([&] { return retiring_count_ == 0; });
+    }
+
+    [[nodiscard]] WorkerPoolStatistics statistics() const noexcept {
+        WorkerPoolStatistics stats;
+        stats.idle_workers = idle_count_;
+        stats.busy_workers = busy_count_;
+        stats.workers = idle_count_ + busy_count_ + retiring_count_;
+        stats.threads_created = threads_created_;
+        stats.threads_pruned = threads_pruned_;
+        stats.jobs_completed = jobs_completed_;
+        return stats;
+    }
+
+private:
+    struct Reaper final : TimerNode {
+        explicit Reaper(WorkerPool* pool) noexcept : TimerNode(&fire), pool(pool) {}
+        static void fire(TimerNode* self, bool run) {
+            if (!run) return;
+            WorkerPool* pool = static_cast<Reaper*>(self)->pool;
+            pool->prune(std::chrono::steady_clock::now());
+            if (WorkerThread* oldest = pool->idle_.back()) pool->arm_reaper(oldest->idle_since_);
+        }
+        WorkerPool* pool;
+    };
+
+    /// Arms the reaper for when a worker idle since `idle_since` will have idled for
+    /// max_idle_time. Saturating: a max_idle_time too long for the clock means never, and no
+    /// timer is armed at time_point::max().
+    void arm_reaper(std::chrono::steady_clock::time_point idle_since) {
+        const auto when = deadline_after(idle_since, max_idle_time_);
+        if (when != std::chrono::steady_clock::time_point::max()) loop_->add_timer(&reaper_, when);
+    }
+
+    WorkerThread* start_worker() {
+        auto worker = std::make_unique<WorkerThread>(shared_, this);
+        worker->start();  // throws std::system_error; nothing changed yet
+        ++threads_created_;
+        return worker.release();
+    }
+
+    /// Stops idle workers past max_idle_time, oldest (the back of the LIFO list) first.
+    void prune(std::chrono::steady_clock::time_point now) {
+        while (WorkerThread* oldest = idle_.back()) {
+            if (now - oldest->idle_since_ < max_idle_time_) break;
+            oldest->ListHook<WorkerListTag>::unlink();
+            --idle_count_;
+            ++threads_pruned_;
+            retire(oldest);
+        }
+    }
+
+    /// Asks a worker (not in any list) to exit and keeps it as retiring until its exited node
+    /// arrives. Never waits.
+    void retire(WorkerThread* worker) noexcept {
+        worker->request_stop();
+        retiring_.push_back(*worker);
+        ++retiring_count_;
+    }
+
+    /// Leaving run(): busy workers are told their tasks are going away and waited for, at most
+    /// shutdown_timeout; the pool gives up on those still busy after it.
+    void wait_for_busy_workers() {
         // Jobs still running belong to tasks that are about to be destroyed: tell them, so a
         // cooperative fn (stop_token, check_cancelled) can end and run() need not wait.
         busy_.for_each([](WorkerThread& worker) {
@@ -129,110 +221,67 @@ public:
         loop_->remove_timer(&timeout);
         while (WorkerThread* worker = busy_.pop_front()) {
             --busy_count_;
-            abandon_worker(*worker);
+            give_up(*worker);
         }
-    }
-
-    [[nodiscard]] WorkerPoolStatistics statistics() const noexcept {
-        WorkerPoolStatistics stats;
-        stats.idle_workers = idle_count_;
-        stats.busy_workers = busy_count_;
-        stats.workers = idle_count_ + busy_count_;
-        stats.threads_created = threads_created_;
-        stats.threads_pruned = threads_pruned_;
-        stats.jobs_completed = jobs_completed_;
-        return stats;
-    }
-
-private:
-    struct Reaper final : TimerNode {
-        explicit Reaper(WorkerPool* pool) noexcept : TimerNode(&fire), pool(pool) {}
-        static void fire(TimerNode* self, bool run) {
-            if (!run) return;
-            WorkerPool* pool = static_cast<Reaper*>(self)->pool;
-            pool->prune(std::chrono::steady_clock::now());
-            if (WorkerThread* oldest = pool->idle_.back()) {
-                pool->loop_->add_timer(self, oldest->idle_since_ + pool->max_idle_time_);
-            }
-        }
-        WorkerPool* pool;
-    };
-
-    WorkerThread* start_worker() {
-        auto worker = std::make_unique<WorkerThread>(shared_);
-        worker->start();  // throws std::system_error; nothing changed yet
-        ++threads_created_;
-        return worker.release();
-    }
-
-    /// Stops idle workers past max_idle_time, oldest (the back of the LIFO list) first.
-    void prune(std::chrono::steady_clock::time_point now) {
-        while (WorkerThread* oldest = idle_.back()) {
-            if (now - oldest->idle_since_ < max_idle_time_) break;
-            oldest->ListHook<IdleWorkersTag>::unlink();
-            --idle_count_;
-            ++threads_pruned_;
-            retire(oldest);
-        }
-    }
-
-    /// Stops an idle worker and joins it (it exits at once: it has no job).
-    static void retire(WorkerThread* worker) noexcept {
-        worker->request_stop();
-        worker->join();
-        delete worker;
     }
 
     /// Shutdown timed out while `worker` still runs a job: forget the job on the loop side,
     /// keep whatever the worker may still write into alive, and let the thread go.
-    void abandon_worker(WorkerThread& worker) noexcept {
+    void give_up(WorkerThread& worker) noexcept {
         JobBase* job = worker.job();
         // Jobs are on the heap whenever a shutdown timeout is set (to_thread.hpp), so the
-        // worker can own this one from now on and the awaiting frame can be destroyed.
-        job->orphaned_ = true;
-        if (job->awaiter_owns_ != nullptr) {
-            *job->awaiter_owns_ = false;
-            job->awaiter_owns_ = nullptr;
-        }
+        // completion can outlive the awaiting frame (JobBase's ownership table).
+        job->pool_ = nullptr;  // its completion, wherever it ends, touches no pool or limiter
         CapacityLimiter::forget_hold(job->hold_);
         loop_->remote_work_finished();
         worker.request_stop();
-        if (!worker.detach()) delete &worker;  // it finished in the meantime
+        if (!worker.give_up()) {
+            // It finished in the meantime and is exiting: join it as any retiring worker.
+            retiring_.push_back(worker);
+            ++retiring_count_;
+        }
     }
 
     EventLoop* loop_;
     std::shared_ptr<PoolShared> shared_;
-    IntrusiveList<WorkerThread, IdleWorkersTag> idle_;  // front: most recently idle
-    IntrusiveList<WorkerThread, BusyWorkersTag> busy_;
+    IntrusiveList<WorkerThread, WorkerListTag> idle_;  // front: most recently idle
+    IntrusiveList<WorkerThread, WorkerListTag> busy_;
+    IntrusiveList<WorkerThread, WorkerListTag> retiring_;  // asked to stop, not yet joined
     Reaper reaper_;
     std::chrono::steady_clock::duration max_idle_time_{};
     std::optional<std::chrono::steady_clock::duration> shutdown_timeout_;
     std::size_t idle_count_ = 0;
     std::size_t busy_count_ = 0;
+    std::size_t retiring_count_ = 0;
     std::uint64_t threads_created_ = 0;
     std::uint64_t threads_pruned_ = 0;
     std::uint64_t jobs_completed_ = 0;
     bool shutting_down_ = false;
 };
 
-/// The completion of a job, on the loop (or its disposal when the loop is gone).
+/// The completion of a job: processed on the loop (`run`), or dropped unprocessed at loop
+/// close or on a worker that found the loop's inbox closed.
 inline void complete_job(Runnable* self, bool run) {
     auto* job = static_cast<JobBase*>(self);
-    if (!run || job->orphaned_) {
-        // Nobody waits any more (abandoned, or the loop detached the worker): free heap jobs.
-        // (An orphaned job's token was already forgotten on the loop, so on a worker thread
+    if (run && job->pool_ != nullptr) {
+        job->pool_->completed(*job);               // 1. the worker is idle again (LIFO)
+        CapacityLimiter::release_hold(job->hold_);  // 2. the token goes to the next waiter
+        if (TaskState* host = job->host_) {
+            host->loop_->schedule_task(*host, job->resume_);  // 3. the caller resumes
+        }
+    } else {
+        // The loop is closing, or it gave up on this worker: hand no token on, wake nobody.
+        // (A given-up job's token was already forgotten on the loop, so on a worker thread
         // this touches nothing of the loop's.)
         CapacityLimiter::forget_hold(job->hold_);
-        if (job->destroy_ != nullptr && (job->abandoned_ || job->orphaned_)) job->destroy_(job);
-        return;
     }
-    job->pool_->completed(*job);               // 1. the worker is idle again (LIFO)
-    CapacityLimiter::release_hold(job->hold_);  // 2. the token goes to the next waiter
-    if (job->abandoned_) {
-        job->destroy_(job);  // the caller left long ago; its result is dropped
-        return;
-    }
-    job->host_->loop_->schedule_task(*job->host_, job->resume_);  // 3. the caller resumes
+    JobBase::let_go(job, JobBase::completion_holds);  // frees it if nobody else holds it
+}
+
+/// A retiring worker's exited node (processed, or dropped at loop close: join it either way).
+inline void worker_exited(Runnable* self, bool /*run*/) {
+    WorkerThread* worker = static_cast<WorkerThread::ExitedNode*>(self)->worker;
+    worker->pool()->exited(worker);
 }
 
 }  // namespace detail

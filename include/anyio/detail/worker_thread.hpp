@@ -3,12 +3,46 @@
 // The loop hands a job over through the worker's mailbox word; the worker runs it and posts
 // the job itself (it is also the completion node) back through the loop's remote inbox. The
 // worker never touches loop-owned state, and never touches a job after posting it.
+//
+// A worker's life. [brackets]: the pool list it is in. Every transition between lists is
+// made on the loop thread, and nothing on the loop ever waits for a worker.
+//
+//      WorkerPool::start_worker: a std::thread, created with every asynchronous signal blocked
+//            |
+//            v
+//      starting [busy]       restores the timer slack the loop's thread had, names itself,
+//            |               runs on_thread_start; if that throws, a failed start: the job it
+//            |               was started for fails with that exception (the caller gets it,
+//            |               the token comes back) and the thread retires at once, without
+//            |               on_thread_stop
+//            v
+//  +---> busy [busy]         runs the job, posts it back to the loop as its completion
+//  |         |
+//  |         |  the completion is processed on the loop (WorkerPool::completed)
+//  |         v
+//  |     idle [idle]         at the front of the idle list (LIFO); spins at most 50 us if no
+//  |         |               other worker spins, then sleeps on its mailbox futex
+//  +---------+  give(job): WorkerPool::dispatch took it from the front
+//            |
+//            |  request_stop(): idle for max_idle_time or longer (by the reaper timer or the
+//            |  next dispatch, oldest first), the pool shutting down, or a failed start
+//            v
+//      retiring [retiring]   finishes a job it was given, runs on_thread_stop, then posts its
+//            |               "exited" node
+//            v
+//      joined and freed      on the loop, when the exited node arrives (worker_exited): the
+//                            join only waits for the thread's own exit by then
+//
+//  busy when leaving run() times out (shutdown_timeout): given up (WorkerPool::give_up). The
+//  pool forgets it; it finishes its job, drops the completion if the loop is gone, runs
+//  on_thread_stop and frees itself. The `ownership_` word decides who frees it.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <coroutine>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <string>
@@ -17,6 +51,7 @@
 #include <utility>
 
 #include <pthread.h>
+#include <sys/prctl.h>
 
 #include "../capacity_limiter.hpp"
 #include "intrusive_list.hpp"
@@ -36,31 +71,84 @@ class WorkerPool;
 class WorkerThread;
 
 void complete_job(Runnable* self, bool run);  // defined in worker_pool.hpp
+void worker_exited(Runnable* self, bool run);  // defined in worker_pool.hpp
+
+// Who owns a job's storage.
+//
+// A job in the awaiter (the default, shielded mode) is part of the awaiting coroutine frame
+// and is never freed on its own: that frame cannot end before the completion has been
+// processed (DESIGN.md, invariant 4). A job on the heap (abandon_on_cancel, or a loop that may
+// give up on busy workers at shutdown) has up to two holders, in JobBase::holders_, and
+// whichever lets go last frees it (JobBase::let_go, from any thread):
+//
+//   holders                event                                          holders after
+//   awaiter                handed to a worker (WorkerPool::dispatch)      awaiter + completion
+//   awaiter + completion   completion processed; the caller resumes       awaiter
+//   awaiter + completion   the caller leaves (abandon_on_cancel)          completion
+//   awaiter + completion   the frame is destroyed while the worker runs   completion
+//                          on (loop shutdown, after giving up on it)
+//   awaiter + completion   completion dropped unprocessed (loop closed)   awaiter
+//   awaiter                the awaiter is destroyed                       (freed)
+//   completion             completion processed or dropped                (freed)
+//
+// The completion is processed on the loop (complete_job), or dropped: at loop close, or on
+// the worker when it finds the loop's inbox closed. When the pool gives up on a busy worker it
+// does not change the holders; it clears the job's pool_, so the completion, wherever it ends,
+// touches neither the pool nor the limiter.
 
 /// A unit of blocking work. It lives in the awaiting coroutine's frame (default mode) or in a
-/// heap block (abandon_on_cancel), and doubles as the completion node the worker posts.
+/// heap block, and doubles as the completion node the worker posts.
 struct JobBase : Runnable {
     using Execute = void (*)(JobBase* self) noexcept;
+    using Fail = void (*)(JobBase* self, std::exception_ptr error) noexcept;
     using Destroy = void (*)(JobBase* self) noexcept;
+    enum class Storage : unsigned char { in_awaiter, heap };
+    enum Holder : std::uint8_t { awaiter_holds = 1, completion_holds = 2 };
 
-    JobBase(Execute execute, Destroy destroy) noexcept
-        : Runnable(&complete_job), execute_(execute), destroy_(destroy) {}
+    JobBase(Storage storage, Execute execute, Fail fail, Destroy destroy) noexcept
+        : Runnable(&complete_job),
+          execute_(execute),
+          fail_(fail),
+          destroy_(destroy),
+          storage_(storage),
+          holders_(storage == Storage::heap ? awaiter_holds : 0) {}
     JobBase(const JobBase&) = delete;
     JobBase& operator=(const JobBase&) = delete;
 
+    /// The loop hands the job to a worker: from now on its completion holds it too.
+    void dispatched() noexcept {
+        // relaxed: the job is not shared yet; WorkerThread::give() publishes it (release).
+        if (storage_ == Storage::heap) {
+            holders_.store(awaiter_holds | completion_holds, std::memory_order_relaxed);
+        }
+    }
+
+    /// `who` is done with the job; the last holder of a heap job frees it (table above).
+    static void let_go(JobBase* job, Holder who) noexcept {
+        if (job->storage_ == Storage::in_awaiter) return;  // it ends with the awaiter
+        // acq_rel: the last holder frees the job, so it must see what the other one wrote
+        // into it (the other's release) before freeing it (this acquire).
+        const auto before =
+            job->holders_.fetch_and(static_cast<std::uint8_t>(~who), std::memory_order_acq_rel);
+        if (before == who) job->destroy_(job);
+    }
+
+    /// The caller has left (abandon_on_cancel): nobody will take the outcome.
+    [[nodiscard]] bool caller_left() const noexcept { return host_ == nullptr; }
+
     Execute execute_;                  // runs on the worker: calls fn, stores the outcome
+    Fail fail_;                        // stores an error as the outcome instead (failed start)
     void (*request_stop_)(JobBase* self) noexcept = nullptr;  // fn's stop_token, if it takes one
-    Destroy destroy_;                  // non-null for heap jobs
-    WorkerPool* pool_ = nullptr;       // loop-side fields from here on
+    Destroy destroy_;                  // frees a heap job (let_go decides when)
+    const Storage storage_;
+    std::atomic<std::uint8_t> holders_;  // heap jobs: JobBase::Holder bits (any thread)
+    WorkerPool* pool_ = nullptr;       // loop-side fields from here on; nullptr: given up on
     WorkerThread* worker_ = nullptr;
     LimiterHold hold_;                 // the per-call borrower's token
-    TaskState* host_ = nullptr;        // the awaiting task (nullptr once abandoned)
+    TaskState* host_ = nullptr;        // the awaiting task (nullptr once it left)
     std::coroutine_handle<> resume_;
     CancelScope* host_scope_ = nullptr;  // where from_thread::run tasks are started
     CancelScope* call_scope_ = nullptr;  // scope of a from_thread::run in progress
-    bool* awaiter_owns_ = nullptr;     // heap job: the awaiter's "I free it" flag, if it still does
-    bool abandoned_ = false;           // the caller gave up (abandon_on_cancel)
-    bool orphaned_ = false;            // the loop shut down and detached the worker
     // Set on the loop when the caller is cancelled; read by from_thread::check_cancelled.
     std::atomic<bool> cancelled_{false};
 };
@@ -82,13 +170,12 @@ struct PoolShared {
 /// Tests set this to make the next N thread starts fail with std::system_error (EAGAIN).
 inline std::atomic<int> injected_thread_start_failures{0};
 
-struct IdleWorkersTag {};
-struct BusyWorkersTag {};
+struct WorkerListTag {};  // the pool's idle, busy or retiring list (one at a time)
 
-class WorkerThread : public ListHook<IdleWorkersTag>, public ListHook<BusyWorkersTag> {
+class WorkerThread : public ListHook<WorkerListTag> {
 public:
-    explicit WorkerThread(std::shared_ptr<PoolShared> shared) noexcept
-        : shared_(std::move(shared)) {}
+    WorkerThread(std::shared_ptr<PoolShared> shared, WorkerPool* pool) noexcept
+        : exited_(this), pool_(pool), shared_(std::move(shared)) {}
     WorkerThread(const WorkerThread&) = delete;
     WorkerThread& operator=(const WorkerThread&) = delete;
     ~WorkerThread() = default;
@@ -135,30 +222,50 @@ public:
         }
     }
 
+    /// Waits for the thread to end (loop thread). Called once the worker has posted its
+    /// "exited" node, when only the thread's own exit is left, or when the loop is gone.
     void join() {
         if (thread_.joinable()) thread_.join();
     }
 
-    /// Gives the thread up: it frees itself when its job ends (loop shutdown timed out).
-    /// Returns false if it had already finished, in which case the caller joins and frees it.
-    bool detach() noexcept {
-        thread_.detach();  // first: once ownership flips, the thread may free `this`
-        // acq_rel: pairs with the worker's exchange at exit; exactly one side frees.
-        return ownership_.exchange(detached, std::memory_order_acq_rel) != exited;
+    /// Gives the thread up (leaving run() timed out while it runs a job): it frees itself when
+    /// it exits. Returns false if it is already exiting; its "exited" node is then on its way
+    /// and the pool joins and frees it as usual.
+    bool give_up() noexcept {
+        int expected = owned;
+        // acq_rel: pairs with the worker's exchange at exit; exactly one side decides. On
+        // success the worker owns `this` from now on, thread_ included.
+        return ownership_.compare_exchange_strong(expected, given_up, std::memory_order_acq_rel,
+                                                  std::memory_order_acquire);
     }
 
     [[nodiscard]] JobBase* job() const noexcept { return job_; }
+    [[nodiscard]] WorkerPool* pool() const noexcept { return pool_; }
+    /// The worker's start hook threw (read on the loop with the failed job's completion).
+    [[nodiscard]] bool start_failed() const noexcept { return start_failed_; }
 
     std::chrono::steady_clock::time_point idle_since_{};
 
 private:
     enum State : std::uint32_t { empty = 0, sleeping = 1, has_job = 2, stopping = 3 };
-    enum Ownership : int { owned = 0, exited = 1, detached = 2 };
+    enum Ownership : int { owned = 0, exited = 1, given_up = 2 };
+
+    /// Posted by the worker after on_thread_stop: the loop joins it then (worker_exited).
+    struct ExitedNode final : Runnable {
+        explicit ExitedNode(WorkerThread* owner) noexcept
+            : Runnable(&worker_exited), worker(owner) {}
+        WorkerThread* worker;
+    };
+    friend void worker_exited(Runnable* self, bool run);
 
     void main() {
-        set_thread_name();
-        current_worker_loop = shared_->loop.get();
-        run_hook(shared_->on_thread_start);
+        // Held to the very end: the loop may free `this` as soon as the exited node is posted,
+        // and post() still touches the loop's shared block after that.
+        const std::shared_ptr<PoolShared> shared = shared_;
+        restore_timer_slack(shared->loop->inherited_timer_slack());
+        set_thread_name(shared->thread_name);
+        current_worker_loop = shared->loop.get();
+        const std::exception_ptr start_error = run_start_hook(shared->on_thread_start);
         for (;;) {
             if (wait_for_work() == stopping) break;
             JobBase* job = job_;
@@ -167,19 +274,33 @@ private:
             // seq_cst for the store-buffer pattern with request_stop (see there).
             state_.compare_exchange_strong(expected, empty, std::memory_order_seq_cst,
                                            std::memory_order_seq_cst);
-            current_job = job;
-            job->execute_(job);
-            current_job = nullptr;
+            if (start_error) {
+                // A failed start: the call that needed this thread gets the hook's error.
+                start_failed_ = true;  // published to the loop by the post below
+                job->fail_(job, start_error);
+            } else {
+                current_job = job;
+                job->execute_(job);
+                current_job = nullptr;
+            }
             // The job is the completion node. After a successful post the job belongs to the
             // loop again (its awaiter may resume and free it at once): do not touch it.
-            if (!shared_->loop->post(job)) job->invoke_(job, false);  // loop gone: drop it
+            if (!shared->loop->post(job)) job->invoke_(job, false);  // loop gone: drop it
+            if (start_error) break;
             // seq_cst: the other half of request_stop's store-buffer pattern.
             if (stop_requested_.load(std::memory_order_seq_cst)) break;
         }
-        run_hook(shared_->on_thread_stop);
+        if (!start_error) run_hook(shared->on_thread_stop);
         current_worker_loop = nullptr;
-        // acq_rel: pairs with detach(); if the loop detached us, we free ourselves.
-        if (ownership_.exchange(exited, std::memory_order_acq_rel) == detached) delete this;
+        // acq_rel: pairs with give_up(); if the loop gave us up, we free ourselves.
+        if (ownership_.exchange(exited, std::memory_order_acq_rel) == given_up) {
+            thread_.detach();  // ours since give_up(); nobody will join
+            delete this;
+            return;
+        }
+        // The last touch of `this`: from here on the loop may join and free it. If the loop is
+        // gone the post fails, and the pool's destructor joins us instead.
+        (void)shared->loop->post(&exited_);
     }
 
     std::uint32_t wait_for_work() noexcept {
@@ -218,9 +339,26 @@ private:
         return state;
     }
 
-    void set_thread_name() noexcept {
-        std::string name = shared_->thread_name.substr(0, 15);  // the kernel's limit
+    /// The loop runs with 1 ns of timer slack, which a thread it starts would inherit: a
+    /// worker sleeps with the slack the loop's thread had before the loop lowered it.
+    static void restore_timer_slack(int slack) noexcept {
+        if (slack > 0) ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(slack), 0, 0, 0);
+    }
+
+    static void set_thread_name(const std::string& thread_name) noexcept {
+        std::string name = thread_name.substr(0, 15);  // the kernel's limit
         ::pthread_setname_np(::pthread_self(), name.c_str());
+    }
+
+    /// Runs on_thread_start; its exception, if any, makes this start a failed one.
+    static std::exception_ptr run_start_hook(const std::function<void()>& hook) noexcept {
+        if (!hook) return nullptr;
+        try {
+            hook();
+        } catch (...) {
+            return std::current_exception();
+        }
+        return nullptr;
     }
 
     static void run_hook(const std::function<void()>& hook) noexcept {
@@ -228,15 +366,18 @@ private:
         try {
             hook();
         } catch (...) {
-            // A hook that throws must not take the worker (or the process) down with it.
+            // A stop hook that throws must not take the worker (or the process) down with it.
         }
     }
 
     std::atomic<std::uint32_t> state_{empty};
     std::atomic<bool> stop_requested_{false};
     std::atomic<int> ownership_{owned};
-    JobBase* job_ = nullptr;  // written by the loop before the release in give()
-    SpinPolicy spin_;         // worker thread only
+    JobBase* job_ = nullptr;      // written by the loop before the release in give()
+    bool start_failed_ = false;   // written by the worker before it posts the failed job
+    ExitedNode exited_;
+    WorkerPool* pool_;            // the pool that started it (loop side)
+    SpinPolicy spin_;             // worker thread only
     std::shared_ptr<PoolShared> shared_;
     std::thread thread_;
 };
