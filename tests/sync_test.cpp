@@ -633,6 +633,39 @@ TEST_CASE("A Semaphore waiter cancelled in the turn a permit was handed to it pa
     });
 }
 
+TEST_CASE("A permit handed to a waiter counts against max_value until the waiter resumes",
+          "[sync][semaphore]") {
+    // Found by tests/fuzz (bug-semaphore-cancelled-handoff-exceeds-max): the handed permit was
+    // not counted, so a second release passed the max check and the cancelled waiter's
+    // give-back then pushed value() above max_value().
+    run_loop([]() -> anyio::Task<> {
+        anyio::Semaphore semaphore(0, 1);
+        anyio::CancelScope waiter_scope;
+        std::string second_release;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await waiter_scope.run([&]() -> anyio::Task<> {
+                    co_await semaphore.acquire();
+                }());
+            });
+            co_await settle();
+            semaphore.release();  // handed to the waiter: value stays 0, the waiter holds it
+            try {
+                semaphore.release();  // the one permit is out: this is one release too many
+            } catch (const std::invalid_argument& error) {
+                second_release = error.what();
+            }
+            waiter_scope.cancel();  // cancelled before it runs: it gives the permit back
+        });
+        CHECK(second_release == "semaphore released too many times");
+        CHECK(waiter_scope.cancelled_caught());
+        CHECK(semaphore.value() == 1);
+        CHECK(*semaphore.max_value() == 1);
+        // Once the waiter is gone the permit is back: value() is at max, release refuses.
+        CHECK_THROWS_AS(semaphore.release(), std::invalid_argument);
+    });
+}
+
 TEST_CASE("Semaphore::acquire is a cancellation point", "[sync][semaphore]") {
     run_loop([]() -> anyio::Task<> {
         anyio::Semaphore semaphore(1);

@@ -155,6 +155,7 @@ private:
     void give_back(const detail::TaskState& task) noexcept {
         if (owner_ == &task) hand_over();
     }
+    void hand_off_resolved() noexcept {}  // ownership moved with the hand-off: nothing to count
     /// Gives the lock to the first waiter (it owns it from now on) or frees it.
     void hand_over() noexcept {
         detail::SyncWaiter* next = queue_.pop_front();
@@ -242,7 +243,9 @@ public:
     /// std::invalid_argument.
     void release() {
         affinity_.check("Semaphore::release");
-        if (max_value_ && value_ >= *max_value_) {
+        // A permit handed to a waiter that has not resumed yet is still out: counting it keeps
+        // value() <= max_value() even if that waiter is cancelled and gives the permit back.
+        if (max_value_ && value_ + handed_off_ >= *max_value_) {
             throw std::invalid_argument("semaphore released too many times");
         }
         give_permit();
@@ -267,8 +270,10 @@ private:
         return true;
     }
     void give_back(const detail::TaskState&) noexcept { give_permit(); }
+    void hand_off_resolved() noexcept { --handed_off_; }  // the waiter resumed (or died)
     void give_permit() noexcept {
         if (detail::SyncWaiter* next = queue_.pop_front()) {
+            ++handed_off_;
             next->granted_(next);
         } else {
             ++value_;
@@ -277,6 +282,7 @@ private:
 
     detail::SyncQueue queue_;
     std::int64_t value_;
+    std::int64_t handed_off_ = 0;  // permits handed to waiters that have not resumed yet
     std::optional<std::int64_t> max_value_;
     bool fast_acquire_;
     detail::LoopAffinity affinity_;

@@ -95,6 +95,7 @@ public:
             primitive_->queue_.remove(*this);
         } else if (phase_ == Phase::taken || phase_ == Phase::handed) {
             // Only at loop shutdown: the frame is destroyed before it resumed with the lock.
+            if (phase_ == Phase::handed) primitive_->hand_off_resolved();
             primitive_->give_back(*this->task_);
         }
     }
@@ -125,6 +126,7 @@ public:
         const Phase phase = std::exchange(phase_, Phase::done);
         if (refused_) Primitive::throw_refused();
         this->throw_if_cancelled();
+        if (phase == Phase::handed) primitive_->hand_off_resolved();
         if (phase == Phase::handed && is_cancelled(*this->task_)) {
             primitive_->give_back(*this->task_);  // to the next waiter, in order
             throw Cancelled{};
