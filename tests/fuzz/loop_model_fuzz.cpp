@@ -9,9 +9,10 @@
 //                                      # target over a scratch copy of its seed corpus
 //   tests/fuzz/run.sh --regress        # the seeds only (what ctest's "fuzz" label runs)
 // By hand:
-//   cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-//         -DCMAKE_CXX_COMPILER=clang++ -DANYIO_BUILD_FUZZERS=ON -DANYIO_BUILD_TESTS=ON \
-//         -DANYIO_BUILD_EXAMPLES=OFF -DANYIO_BUILD_BENCHMARKS=OFF
+//   cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+//         -DCMAKE_CXX_COMPILER=clang++ -DANYIO_SANITIZE=address,undefined
+//         -DANYIO_BUILD_FUZZERS=ON -DANYIO_BUILD_EXAMPLES=OFF -DANYIO_BUILD_BENCHMARKS=OFF
+//   (one command line)
 //   cmake --build build-fuzz --target loop_model_fuzz
 //   mkdir -p /tmp/corpus && cp tests/fuzz/corpus/loop_model_fuzz/* /tmp/corpus/
 //   build-fuzz/tests/fuzz/loop_model_fuzz -timeout=10 -max_total_time=60 /tmp/corpus
@@ -34,7 +35,9 @@
 // The driver (the main task) owns the primitives and runs the steps. Blocking operations are
 // carried out by "actors": long-lived child tasks that wait for a command, run it inside a
 // fresh CancelScope (so the driver can cancel it at any time, even before it starts), record
-// how it ended (value, WouldBlock, Cancelled, ...) and wait for the next one. Operations that
+// how it ended (value, WouldBlock, Cancelled, ...) and wait for the next one; an actor that
+// holds nothing can be replaced by a new task (respawn), so waits also start in new tasks
+// and tasks end between operations. Operations that
 // do not block (set_total_tokens, nowait forms on behalf of the driver, close, clone,
 // cancel) run in the driver itself, so several of them can happen in one loop turn: a token
 // handed to a waiter and the waiter cancelled before it runs, a lock released and its next
@@ -150,6 +153,7 @@ enum class Step : std::uint8_t {
     checkpoint,       // actor: co_await anyio::checkpoint()
     settle,           // driver: checkpoint until nothing moves
     settle_sleep,     // driver: sleep(0) until nothing moves
+    respawn,          // driver: an idle actor holding nothing ends; a new task takes its place
     count,
     quit,             // not decoded: ends an actor
 };
@@ -162,7 +166,7 @@ const char* step_name(Step step) {
         "drv_sem",      "send",        "send_nowait",   "receive",        "receive_nowait",
         "drv_send",     "drv_receive", "close",         "clone",          "destroy",
         "new_stream",   "offload",     "open_gate",     "checkpoint",     "settle",
-        "settle_sleep", "count",       "quit"};
+        "settle_sleep", "respawn",     "count",         "quit"};
     return names[static_cast<int>(step)];
 }
 
@@ -977,6 +981,10 @@ public:
             case Step::checkpoint:
                 if (cancelled) return finish(a, {Kind::cancelled});
                 return schedule(a, Resume::checkpoint);
+            case Step::quit:
+                // The task ends (no outcome); the new task spawned after it waits for commands.
+                actor.phase = Actor::Phase::idle;
+                return;
             default:
                 fail("model: actor %d was given a driver step (harness bug)", a);
         }
@@ -1058,7 +1066,7 @@ struct World {
     std::uint64_t progress = 0;  // bumped whenever an actor runs
     std::vector<int> log;        // actors, in the order they finished their commands
     // Items: the next sequence number per sender, and what receivers saw (exactly once, in
-    // order per sender), for the current stream.
+    // order per sender), over the whole run.
     std::array<int, kDriverSender + 1> next_sequence{};
     std::array<std::array<int, kDriverSender + 1>, kMaxActors + 1> last_received{};  // [receiver]
     std::vector<bool> received;
@@ -1484,9 +1492,8 @@ void make_stream(World& w, std::size_t size) {
     w.tx[0].emplace(std::move(streams.first));
     w.rx[0].emplace(std::move(streams.second));
     w.model.new_stream(size);
-    w.next_sequence.fill(0);
-    for (auto& row : w.last_received) row.fill(0);
-    w.received.clear();
+    // Item ids stay unique over the whole run (never reset here): a command given before
+    // the old stream went away may still send into the new one.
 }
 
 anyio::Task<> run_steps(World& w, Input& in, anyio::TaskGroup& tg) {
@@ -1758,6 +1765,18 @@ anyio::Task<> run_steps(World& w, Input& in, anyio::TaskGroup& tg) {
                 co_await settle(w, step == Step::settle_sleep);
                 settled = true;
                 break;
+            case Step::respawn: {
+                int a = actor();
+                const model::Actor& ma = m.actors[static_cast<std::size_t>(a)];
+                bool holds = m.lock.owner == a;
+                for (bool held : ma.holds) holds = holds || held;
+                // A task that ends holding a token would stay a borrower, and a new task may
+                // be allocated at its address: only actors that hold nothing are replaced.
+                if (ma.phase != model::Actor::Phase::idle || holds) break;
+                if (!command(w, a, {Step::quit})) break;
+                tg.start_soon(actor_main, &w, a);  // runs after the old task has ended (FIFO)
+                break;
+            }
             case Step::count:
             case Step::quit:
                 break;
@@ -1907,6 +1926,10 @@ void run_one(const std::uint8_t* data, std::size_t size) {
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(1));
     }
+    // Give the step description's buffer back: libFuzzer re-runs every input that ends with
+    // more mallocs than frees (to look for leaks), which would halve the executions.
+    std::string().swap(current_step.detail);
+    current_step = {};
 }
 
 }  // namespace
