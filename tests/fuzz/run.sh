@@ -53,6 +53,7 @@ for target in $targets; do
     binary=$build/tests/fuzz/$target
     seeds=$root/tests/fuzz/corpus/$target
     artifacts=$build/fuzz-artifacts/$target
+    rm -rf "$artifacts"
     mkdir -p "$artifacts"
     scratch=$(mktemp -d "${TMPDIR:-/tmp}/anyio-fuzz-$target.XXXXXX")
     mkdir "$scratch/corpus"
@@ -60,7 +61,7 @@ for target in $targets; do
     log=$scratch/log
 
     if [ "$regress" = 1 ]; then
-        args=(-timeout=10 "$seeds"/*)
+        args=(-timeout=10 -artifact_prefix="$artifacts/" "$seeds"/*)
     else
         args=(-timeout=10 -max_total_time="$seconds" -print_final_stats=1
               -artifact_prefix="$artifacts/" "$scratch/corpus")
@@ -73,7 +74,7 @@ for target in $targets; do
 
     if [ "$regress" = 1 ]; then
         runs=$(grep -c '^Executed ' "$log" || true)
-        echo "$target: $runs seed inputs replayed"
+        echo "$target: $runs of $(find "$seeds" -type f | wc -l) seed inputs replayed cleanly"
     else
         runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
         took=$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -n 1)
@@ -88,7 +89,11 @@ for target in $targets; do
     if [ "$rc" -ne 0 ] || grep -qE 'ERROR: (AddressSanitizer|LeakSanitizer|libFuzzer)|runtime error:|MODEL MISMATCH' "$log"; then
         echo "$target: FAILED (exit $rc); the last lines of its log:" >&2
         tail -n 60 "$log" >&2
-        ls "$artifacts" 2>/dev/null | sed "s|^|  kept input: $artifacts/|" >&2
+        if [ "$regress" = 1 ]; then
+            sed -n 's/^Running: /  failing seed: /p' "$log" | tail -n 1 >&2
+        else
+            ls "$artifacts" 2>/dev/null | sed "s|^|  kept input: $artifacts/|" >&2
+        fi
         echo "  full log: $log" >&2
         status=1
     else
