@@ -359,6 +359,7 @@ struct Semaphore {
     std::deque<int> queue;
     std::int64_t capacity = 0;      // value + permits held, always
     std::int64_t driver_permits = 0;
+    std::int64_t handed = 0;        // permits handed to waiters that have not resumed yet
 };
 
 struct Stream {
@@ -522,6 +523,7 @@ public:
                     }
                     break;
                 case Resume::granted_sem:
+                    --sem.handed;
                     if (actor.cancelled) {
                         --actor.permits;
                         give_permit();
@@ -645,7 +647,8 @@ public:
         return {Kind::ok};
     }
     Outcome sem_release(int who) {
-        if (sem.max && sem.value >= *sem.max) return {Kind::invalid_argument};
+        // A permit handed to a waiter that has not resumed yet is still out (it counts).
+        if (sem.max && sem.value + sem.handed >= *sem.max) return {Kind::invalid_argument};
         std::int64_t& permits = who == kDriver ? sem.driver_permits : actors[who].permits;
         if (permits > 0) {
             --permits;  // gives back one it holds
@@ -663,6 +666,7 @@ public:
         int next = sem.queue.front();
         sem.queue.pop_front();
         ++actors[next].permits;
+        ++sem.handed;
         schedule(next, Resume::granted_sem);
     }
 
