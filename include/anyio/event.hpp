@@ -50,6 +50,8 @@ private:
 
 class CheckpointAwaiter {
 public:
+    using anyio_loop_awaitable = void;  // resumes the task only through the loop
+
     bool await_ready() const noexcept { return false; }
     bool await_suspend(std::coroutine_handle<> handle) {
         task_ = &CancelScope::current_task("checkpoint");

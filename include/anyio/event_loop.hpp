@@ -221,23 +221,24 @@ public:
     void remove_timer(detail::TimerNode* node) noexcept { timers_.remove(node); }
     [[nodiscard]] std::size_t timer_count() const noexcept { return timers_.size(); }
 
-    /// The task being resumed right now (nullptr inside a plain callback).
-    [[nodiscard]] detail::TaskState* current_task() const noexcept { return current_task_; }
+    /// The task being resumed right now (nullptr inside a plain callback). Loop thread.
+    [[nodiscard]] detail::TaskState* current_task() const noexcept {
+        detail::TaskState* task = detail::running_task;
+        return task != nullptr && task->loop_ == this ? task : nullptr;
+    }
 
     /// Starts `body` as a new task (scheduled, not yet run). `on_done(owner, task)` is called
     /// on the loop when it ends; the TaskState lives in the task's own frame.
     detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
                              void* owner = nullptr) {
         require_loop_thread("spawn");
-        detail::RootCoroutine root = detail::root_coroutine(std::move(body));
-        detail::TaskState& task = root.handle.promise();
-        task.loop_ = this;
-        task.resume_point_ = root.handle;
-        task.on_done_ = on_done;
-        task.owner_ = owner;
-        live_tasks_.push_back(task);
-        ready_.push(&task);
-        return task;
+        auto* task = new detail::RootTask(body.release());  // nothing else can throw
+        task->loop_ = this;
+        task->on_done_ = on_done;
+        task->owner_ = owner;
+        live_tasks_.push_back(*task);
+        ready_.push(task);
+        return *task;
     }
 
     /// The loop's instance of `Service` (created on first use, destroyed with the loop).
@@ -323,7 +324,6 @@ private:
     detail::TimerHeap timers_;
     detail::IntrusiveList<detail::TaskState, detail::LiveTasksTag> live_tasks_;
     std::vector<ServiceEntry> services_;
-    detail::TaskState* current_task_ = nullptr;
     std::int64_t remote_in_flight_ = 0;
     detail::SpinPolicy spin_;
     std::atomic<std::thread::id> owner_;  // the thread that may use the loop before it runs
@@ -336,10 +336,10 @@ namespace detail {
 inline void run_task(Runnable* self, bool run) {
     if (!run) return;  // the loop is shutting down; the frame is destroyed separately
     auto* task = static_cast<TaskState*>(self);
-    EventLoop* loop = task->loop_;
-    loop->current_task_ = task;
+    TaskState* const outer = running_task;
+    running_task = task;
     resume_chain(task->resume_point_);  // may end the task and free `task`
-    loop->current_task_ = nullptr;
+    running_task = outer;
 }
 
 inline std::timespec to_timespec(std::chrono::steady_clock::duration d) noexcept {
@@ -564,9 +564,7 @@ inline void EventLoop::drop_ready_queue() noexcept {
 /// destruction schedules before the next (older) task's frames go.
 inline void EventLoop::destroy_live_tasks() noexcept {
     while (detail::TaskState* task = live_tasks_.pop_back()) {
-        auto* root = static_cast<detail::RootPromise*>(task);
-        detail::destroy_frame_chain(
-            std::coroutine_handle<detail::RootPromise>::from_promise(*root), root);
+        detail::destroy_task_frames(static_cast<detail::RootTask&>(*task));
         drop_ready_queue();
     }
 }
@@ -602,6 +600,96 @@ auto run(F&& fn, Args&&... args) {
 namespace lowlevel {
 /// A token for the loop running on this thread (throws NoEventLoopError if none).
 inline LoopToken current_token() { return detail::running_loop("lowlevel::current_token").token(); }
+
+/// A handle to a task of a loop, for writing custom awaitables (trio's
+/// lowlevel.current_task / reschedule). In await_suspend, take `current_task()`; when the
+/// operation completes, `reschedule()` the task (on the loop thread) or
+/// `reschedule_threadsafe()` it (from any thread) instead of resuming the handle yourself:
+///
+///     void await_suspend(std::coroutine_handle<>) {
+///         start_operation([task = anyio::lowlevel::current_task()] {  // any thread
+///             task.reschedule_threadsafe();
+///         });
+///     }
+///
+/// The task then resumes on the next loop turn through the loop, like any task woken by a
+/// loop primitive. A task suspended in a custom awaitable cannot be woken by cancellation (the
+/// library cannot abort a foreign operation); a cancellation that arrives meanwhile takes
+/// effect at its next cancellation point. Resuming the handle directly (from a call_soon or
+/// call_soon_threadsafe callback, on the loop thread) works too.
+///
+/// Copyable; comparable (equal handles name the same task). Reschedule a task once per
+/// suspension, while it is still suspended there; a handle must not be used after its task
+/// has ended.
+class TaskHandle {
+public:
+    TaskHandle() noexcept = default;
+
+    /// Resumes the task, which must be suspended in a custom awaitable, on the next loop turn.
+    /// Loop thread only (std::logic_error otherwise); std::logic_error if the task is not
+    /// suspended in a custom awaitable (not yet, or it was already rescheduled or resumed).
+    void reschedule() const {
+        if (task_ == nullptr) {
+            throw std::logic_error("anyio::lowlevel::TaskHandle::reschedule: the handle is empty; "
+                                   "get one with anyio::lowlevel::current_task()");
+        }
+        if (detail::current_loop != loop_) {
+            detail::throw_wrong_thread("lowlevel::TaskHandle::reschedule");
+        }
+        if (task_->wait_ != &detail::foreign_wait) {
+            throw std::logic_error(
+                "anyio::lowlevel::TaskHandle::reschedule: the task is not suspended in a custom "
+                "awaitable (it was already rescheduled or resumed, or it has not suspended "
+                "yet); reschedule a task exactly once per suspension");
+        }
+        loop_->schedule_task(*task_, task_->resume_point_);
+    }
+
+    /// The same from any thread: the task resumes on the loop thread soon (allocates one
+    /// node). Throws RunFinishedError once the loop has finished; a misuse that reschedule()
+    /// would reject is reported on the loop through Options::on_callback_error.
+    void reschedule_threadsafe() const {
+        if (task_ == nullptr) {
+            throw std::logic_error(
+                "anyio::lowlevel::TaskHandle::reschedule_threadsafe: the handle is empty; get "
+                "one with anyio::lowlevel::current_task()");
+        }
+        token_.call_soon_threadsafe([task = task_, loop = loop_] {
+            TaskHandle handle;
+            handle.task_ = task;
+            handle.loop_ = loop;
+            handle.reschedule();
+        });
+    }
+
+    [[nodiscard]] explicit operator bool() const noexcept { return task_ != nullptr; }
+    friend bool operator==(const TaskHandle& a, const TaskHandle& b) noexcept {
+        return a.task_ == b.task_;
+    }
+
+private:
+    friend TaskHandle current_task();
+    detail::TaskState* task_ = nullptr;
+    EventLoop* loop_ = nullptr;
+    LoopToken token_;
+};
+
+/// The task running on this thread's loop. Throws NoEventLoopError with no running loop and
+/// std::logic_error outside a task (in a plain callback).
+inline TaskHandle current_task() {
+    EventLoop& loop = detail::running_loop("lowlevel::current_task");
+    detail::TaskState* task = loop.current_task();
+    if (task == nullptr) {
+        throw std::logic_error(
+            "anyio::lowlevel::current_task must be called from a task run by the loop (inside "
+            "a coroutine's await_suspend, for instance), not from a plain callback");
+    }
+    TaskHandle handle;
+    handle.task_ = task;
+    handle.loop_ = &loop;
+    handle.token_ = loop.token();
+    return handle;
+}
 }  // namespace lowlevel
 
 }  // namespace anyio

@@ -99,6 +99,7 @@ private:
     /// Waits for the children. Not itself cancellable: cancellation of the host reaches the
     /// children through the scope tree, and the host waits for them to finish unwinding.
     struct JoinAwaiter {
+        using anyio_loop_awaitable = void;  // resumes the host only through the loop
         TaskGroup* group;
         bool await_ready() const noexcept { return group->live_children_ == 0; }
         void await_suspend(std::coroutine_handle<> handle) noexcept {
