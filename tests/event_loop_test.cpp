@@ -563,6 +563,7 @@ TEST_CASE("A timer that re-arms itself in the past fires once per loop turn and 
 
 TEST_CASE("TimerHeap::push that cannot grow leaves the node unqueued and the heap intact",
           "[loop]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
     struct Node final : anyio::detail::TimerNode {
         Node() noexcept : TimerNode(&fire) {}
         static void fire(TimerNode*, bool) {}
@@ -607,6 +608,7 @@ TEST_CASE("TimerHeap::push that cannot grow leaves the node unqueued and the hea
 TEST_CASE("run() that fails to start its main task leaves the loop closed, so ~EventLoop "
           "does not terminate",
           "[loop]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
     bool threw_bad_alloc = false;
     bool finished = false;
     {
@@ -795,5 +797,23 @@ TEST_CASE("Leaving run destroys a suspended chain of 100,000 nested tasks withou
             nested_waiting(depth, never, innermost_waiting, &destroyed));
         co_await anyio::fail_after(5s, wait_for(innermost_waiting));
     });
+    CHECK(destroyed == depth + 1);
+}
+
+TEST_CASE("Leaving run destroys a suspended chain of 100,000 nested tasks while every "
+          "allocation fails: shutdown allocates nothing",
+          "[loop][stress]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
+    constexpr int depth = 100'000;
+    int destroyed = 0;
+    anyio::Event never;
+    anyio::Event innermost_waiting;
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::EventLoop::current()->spawn(
+            nested_waiting(depth, never, innermost_waiting, &destroyed));
+        co_await innermost_waiting.wait();
+        anyio_test::fail_allocations = true;  // from here until run() has returned
+    });
+    anyio_test::fail_allocations = false;
     CHECK(destroyed == depth + 1);
 }

@@ -219,22 +219,56 @@ ChildOutcome run_in_child(F&& fn) {
 
 // While set, every global operator new of a test program that uses
 // ANYIO_TEST_FAILING_OPERATOR_NEW() throws std::bad_alloc (the rest of the program allocates
-// through malloc as usual). Set it only around the step under test.
+// through malloc as usual). Set it only around the step under test, and skip the test when
+// `can_fail_allocations` is false: clang's ThreadSanitizer runtime links its own operator new
+// statically, which cannot be replaced, so under TSan (either compiler) nothing is replaced.
+#if defined(__SANITIZE_THREAD__)
+#define ANYIO_TEST_CAN_FAIL_ALLOCATIONS 0
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define ANYIO_TEST_CAN_FAIL_ALLOCATIONS 0
+#endif
+#endif
+#ifndef ANYIO_TEST_CAN_FAIL_ALLOCATIONS
+#define ANYIO_TEST_CAN_FAIL_ALLOCATIONS 1
+#endif
 inline std::atomic<bool> fail_allocations{false};
+inline constexpr bool can_fail_allocations = ANYIO_TEST_CAN_FAIL_ALLOCATIONS != 0;
+
+inline void* allocate_unless_failing(std::size_t size) noexcept {
+    // relaxed: set and cleared by the thread under test around the step it tests.
+    if (fail_allocations.load(std::memory_order_relaxed)) return nullptr;
+    return std::malloc(size == 0 ? 1 : size);
+}
 
 }  // namespace anyio_test
 
 // Replaces the global operator new/delete of the test program (use it once, at namespace scope
-// of the test file) so that anyio_test::fail_allocations can make allocations fail.
+// of the test file) so that anyio_test::fail_allocations can make allocations fail. Every
+// non-aligned form is replaced, so that a sanitizer's own versions are never paired with these.
+#if !ANYIO_TEST_CAN_FAIL_ALLOCATIONS
+#define ANYIO_TEST_FAILING_OPERATOR_NEW() static_assert(true, "")
+#else
 #define ANYIO_TEST_FAILING_OPERATOR_NEW()                                                    \
     void* operator new(std::size_t size) {                                                   \
-        /* relaxed: set and cleared by the thread under test around the step it tests */     \
-        if (anyio_test::fail_allocations.load(std::memory_order_relaxed)) {                  \
-            throw std::bad_alloc();                                                          \
-        }                                                                                    \
-        if (void* p = std::malloc(size == 0 ? 1 : size)) return p;                           \
+        if (void* p = anyio_test::allocate_unless_failing(size)) return p;                   \
         throw std::bad_alloc();                                                              \
     }                                                                                        \
+    void* operator new[](std::size_t size) {                                                 \
+        if (void* p = anyio_test::allocate_unless_failing(size)) return p;                   \
+        throw std::bad_alloc();                                                              \
+    }                                                                                        \
+    void* operator new(std::size_t size, const std::nothrow_t&) noexcept {                   \
+        return anyio_test::allocate_unless_failing(size);                                    \
+    }                                                                                        \
+    void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {                 \
+        return anyio_test::allocate_unless_failing(size);                                    \
+    }                                                                                        \
     void operator delete(void* p) noexcept { std::free(p); }                                 \
+    void operator delete[](void* p) noexcept { std::free(p); }                               \
     void operator delete(void* p, std::size_t) noexcept { std::free(p); }                    \
+    void operator delete[](void* p, std::size_t) noexcept { std::free(p); }                  \
+    void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }          \
+    void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }        \
     static_assert(true, "")
+#endif

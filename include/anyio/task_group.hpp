@@ -1,6 +1,7 @@
 // anyio-cpp: TaskGroup and task_group(), structured concurrency.
 #pragma once
 
+#include <algorithm>
 #include <concepts>
 #include <coroutine>
 #include <cstddef>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "cancel_scope.hpp"
+#include "detail/loop_thread.hpp"
 #include "errors.hpp"
 #include "event_loop.hpp"
 #include "task.hpp"
@@ -40,9 +42,12 @@ public:
     TaskGroup(const TaskGroup&) = delete;
     TaskGroup& operator=(const TaskGroup&) = delete;
 
-    /// Starts `task` as a child (it first runs on the next loop turn).
+    /// Starts `task` as a child (it first runs on the next loop turn). Loop thread only
+    /// (std::logic_error otherwise, as once the group has finished).
     void start_soon(Task<void> task) {
+        if (detail::current_loop != loop_) detail::throw_wrong_thread("TaskGroup::start_soon");
         require_active();
+        reserve_error_slot();
         detail::TaskState& child = loop_->spawn(std::move(task), &on_child_done, this);
         scope_.adopt(child);
         ++live_children_;
@@ -81,11 +86,19 @@ private:
         }
     }
 
-    static void on_child_done(void* owner, detail::TaskState& child) {
+    /// Makes room for one more error than can still come (one per live child, one for the
+    /// body, and the child about to start), so on_child_done, which runs where nothing may
+    /// throw (a task's final suspend), never allocates. Grows geometrically: O(1) amortised.
+    void reserve_error_slot() {
+        const std::size_t needed = errors_.size() + live_children_ + 2;
+        if (errors_.capacity() < needed) errors_.reserve(std::max(needed, 2 * errors_.capacity()));
+    }
+
+    static void on_child_done(void* owner, detail::TaskState& child) noexcept {
         auto* group = static_cast<TaskGroup*>(owner);
         --group->live_children_;
         if (child.outcome_ == detail::TaskState::Outcome::failed) {
-            group->errors_.push_back(child.error_);
+            group->errors_.push_back(child.error_);  // capacity reserved by start_soon
             group->scope_.cancel();
         } else if (child.outcome_ == detail::TaskState::Outcome::cancelled) {
             group->child_cancelled_ = true;
@@ -140,22 +153,24 @@ Task<void> task_group(F body) {
     detail::TaskState& host = CancelScope::current_task("task_group");
     TaskGroup group(*host.loop_);
     group.host_ = &host;
-    group.scope_.enter(host);
-    group.active_ = true;
+    group.errors_.reserve(1);  // the body's error, if it fails (as start_soon does per child)
     bool body_cancelled = false;
-    try {
-        co_await std::invoke(body, group);
-    } catch (const Cancelled&) {
-        body_cancelled = true;
-    } catch (...) {
-        group.errors_.push_back(std::current_exception());
-        group.scope_.cancel();
-    }
-    // A child may start another one after the last child ended but before we resume
-    // (anyio keeps waiting then): wait until no child is left, then close the group.
-    while (group.live_children_ > 0) co_await TaskGroup::JoinAwaiter{&group};
-    group.active_ = false;
-    group.scope_.exit(host);
+    {
+        CancelScope::Entry entry(group.scope_, host);  // the body runs in the group's scope
+        group.active_ = true;
+        try {
+            co_await std::invoke(body, group);
+        } catch (const Cancelled&) {
+            body_cancelled = true;
+        } catch (...) {
+            group.errors_.push_back(std::current_exception());
+            group.scope_.cancel();
+        }
+        // A child may start another one after the last child ended but before we resume
+        // (anyio keeps waiting then): wait until no child is left, then close the group.
+        while (group.live_children_ > 0) co_await TaskGroup::JoinAwaiter{&group};
+        group.active_ = false;
+    }  // the host leaves the group's scope
     if (!group.errors_.empty()) group.rethrow_errors();
     // A cancellation that came from outside the group goes on to the scope that caused it.
     if ((body_cancelled || group.child_cancelled_) && !group.scope_.cancel_called()) {
