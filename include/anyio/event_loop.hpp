@@ -117,11 +117,16 @@ private:
 /// and the token may be used from other threads.
 ///
 /// Thread safety: distinct objects safe; shared objects: only call_soon_threadsafe, token()
-/// and time() from other threads. Allocates its poller and shared block once; scheduling a
-/// task or a timer allocates nothing (the public call_soon* wrap a callable in one node).
-/// Shutdown (when run() returns): services such as the worker pool are shut down while the
-/// loop still processes completions, then the remote inbox is closed (later posts throw
-/// RunFinishedError), and every task frame still alive is destroyed.
+/// and time() from other threads. The loop-thread operations (call_soon, call_at, spawn,
+/// schedule) throw std::logic_error on any other thread; before run() the thread that created
+/// the loop may call_soon and spawn. Allocates its poller and shared block once; scheduling a
+/// task or a timer allocates nothing (the public call_soon* wrap a callable in one node, each
+/// task is one block besides its frames). An exception escaping a callback goes to
+/// Options::on_callback_error and never to run()'s caller.
+/// Shutdown (when run() returns, whatever way it leaves): services such as the worker pool
+/// are shut down while the loop still processes completions, then the remote inbox is closed
+/// (later posts throw RunFinishedError), and every task frame still alive is destroyed.
+/// After that call_soon and call_at throw RunFinishedError.
 class EventLoop {
 public:
     using clock = std::chrono::steady_clock;
@@ -222,13 +227,12 @@ public:
     [[nodiscard]] std::size_t timer_count() const noexcept { return timers_.size(); }
 
     /// The task being resumed right now (nullptr inside a plain callback). Loop thread.
-    [[nodiscard]] detail::TaskState* current_task() const noexcept {
-        detail::TaskState* task = detail::running_task;
-        return task != nullptr && task->loop_ == this ? task : nullptr;
-    }
+    [[nodiscard]] detail::TaskState* current_task() const noexcept { return detail::running_task; }
 
     /// Starts `body` as a new task (scheduled, not yet run). `on_done(owner, task)` is called
-    /// on the loop when it ends; the TaskState lives in the task's own frame.
+    /// on the loop when it ends (task.outcome_ and task.error_ say how), where nothing may
+    /// throw. The TaskState lives in the task's root block (one allocation: bad_alloc leaves
+    /// nothing started). Loop thread (or its owner before run()).
     detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
                              void* owner = nullptr) {
         require_loop_thread("spawn");
@@ -336,10 +340,9 @@ namespace detail {
 inline void run_task(Runnable* self, bool run) {
     if (!run) return;  // the loop is shutting down; the frame is destroyed separately
     auto* task = static_cast<TaskState*>(self);
-    TaskState* const outer = running_task;
-    running_task = task;
+    running_task = task;  // the loop runs one task at a time: nothing runs around this
     resume_chain(task->resume_point_);  // may end the task and free `task`
-    running_task = outer;
+    running_task = nullptr;
 }
 
 inline std::timespec to_timespec(std::chrono::steady_clock::duration d) noexcept {

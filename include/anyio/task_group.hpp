@@ -35,8 +35,11 @@ Task<void> task_group(F body);
 /// A child that fails cancels its siblings and the body; the group then rethrows that error
 /// (several: ExceptionGroup). Cancelled children do not count as errors.
 ///
-/// Loop-thread only. Each child costs its own coroutine frames (one for the task's root,
-/// which also holds the loop's bookkeeping). Only task_group() creates a TaskGroup.
+/// Loop-thread only: start_soon (and cancel_scope().cancel()) throw std::logic_error on
+/// another thread. Each child costs its own coroutine frames plus one block for the loop's
+/// bookkeeping, and start_soon keeps room for one error per live child (so a failing child
+/// never allocates at its end). At loop shutdown, children still running are destroyed
+/// (newest first) without resuming. Only task_group() creates a TaskGroup.
 class TaskGroup {
 public:
     TaskGroup(const TaskGroup&) = delete;

@@ -125,17 +125,19 @@ inline std::coroutine_handle<> transfer_to(std::coroutine_handle<> next) noexcep
 
 /// Resumes `handle` and whatever it transfers to, until the chain suspends at something that
 /// is not a transfer (a loop primitive) or ends. The loop resumes every task through this.
-/// Nests: it saves and restores the driver it runs inside, if any.
+/// Nests: it saves and restores the stack position of the driver it runs inside, if any
+/// (`next` is always empty when a driver starts: a frame handed back unwinds straight to
+/// its driver, with no code running in between).
 inline void resume_chain(std::coroutine_handle<> handle) noexcept {
-    const Trampoline outer = trampoline;
-    trampoline.stack_base = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
-    void* address = handle.address();
-    do {
-        trampoline.next = nullptr;
-        std::coroutine_handle<>::from_address(address).resume();
-        address = trampoline.next;
-    } while (address != nullptr);
-    trampoline = outer;
+    Trampoline& t = trampoline;
+    const std::uintptr_t outer_base = t.stack_base;
+    t.stack_base = reinterpret_cast<std::uintptr_t>(__builtin_frame_address(0));
+    handle.resume();
+    while (void* next = t.next) {
+        t.next = nullptr;
+        std::coroutine_handle<>::from_address(next).resume();
+    }
+    t.stack_base = outer_base;
 }
 
 // ---------------------------------------------------------------------------------------------
