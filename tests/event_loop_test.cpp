@@ -489,7 +489,7 @@ TEST_CASE("An exception escaping a callback goes to Options::on_callback_error a
         options);
     CHECK(value == 7);
     REQUIRE(reported.size() == 3);
-    CHECK(reported[0] == "callback failed");
+    CHECK(std::find(reported.begin(), reported.end(), "callback failed") != reported.end());
     CHECK(std::find(reported.begin(), reported.end(), "timer callback failed") != reported.end());
     CHECK(std::find(reported.begin(), reported.end(), "remote failed") != reported.end());
 
@@ -525,8 +525,10 @@ TEST_CASE("By default an exception escaping a callback is reported in one line o
         if (value != 5) std::_Exit(1);
     });
     CHECK(child.exit_code == 0);
-    CHECK(child.stderr_text ==
-          "anyio: exception in a loop callback (ignored): callback failed on purpose\n");
+    const std::string line =
+        "anyio: exception in a loop callback (ignored): callback failed on purpose\n";
+    CHECK(child.stderr_text.find(line) != std::string::npos);
+    CHECK(std::count(child.stderr_text.begin(), child.stderr_text.end(), '\n') == 1);
 }
 
 TEST_CASE("A timer that re-arms itself in the past fires once per loop turn and does not "
