@@ -13,10 +13,14 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "catch.hpp"
 #include "test_support.hpp"
+
+ANYIO_TEST_FAILING_OPERATOR_NEW();
 
 // Tests of anyio::CancelScope, move_on_after and fail_after (API.md, "Cancellation").
 //
@@ -81,6 +85,23 @@ Task<int> compute_without_checkpoint(int n) {
     int sum = 0;
     for (int i = 1; i <= n; ++i) sum += co_await value_now(i);
     co_return sum;
+}
+
+/// `depth` nested scopes, each running the next level in scope.run(); the innermost level
+/// sleeps until cancelled and records that it was.
+Task<> nest_scopes(int depth, anyio::Event& innermost_waiting, bool& innermost_cancelled) {
+    if (depth == 0) {
+        innermost_waiting.set();
+        try {
+            co_await anyio::sleep(forever);
+        } catch (const anyio::Cancelled&) {
+            innermost_cancelled = true;
+            throw;
+        }
+        co_return;
+    }
+    CancelScope scope;
+    co_await scope.run(nest_scopes(depth - 1, innermost_waiting, innermost_cancelled));
 }
 
 }  // namespace
@@ -1054,4 +1075,142 @@ TEST_CASE("move_on_after and fail_after accept a huge delay as 'no deadline'", "
     CHECK(moved.value_or(-1) == 3);
     CHECK_FALSE(timed_out);
     CHECK(failed == 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misuse, failure and scale
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Entering a cancel scope whose deadline timer cannot be armed leaves the task in "
+          "the scope it was in",
+          "[cancel]") {
+    if (!can_fail_allocations) return;  // operator new cannot be replaced (TSan)
+    bool threw_bad_alloc = false;
+    bool scope_unchanged = false;
+    bool scopes_still_work = false;
+    anyio::run([&]() -> Task<> {
+        anyio::detail::TaskState& host = CancelScope::current_task("test");
+        CancelScope* before = host.scope_;
+        {
+            CancelScope scope(Clock::now() + 1h);
+            // The loop's timer heap is still empty: arming the deadline has to allocate.
+            fail_allocations = true;
+            try {
+                scope.enter(host);
+            } catch (const std::bad_alloc&) {
+                threw_bad_alloc = true;
+            }
+            fail_allocations = false;
+            scope_unchanged = host.scope_ == before;
+        }  // before the fix, the task still pointed into this scope once it was gone
+        CancelScope outer;
+        on_next_turn([&] { outer.cancel(); });
+        co_await outer.run(nothing_after_sleep(forever));
+        scopes_still_work = outer.cancelled_caught() && host.scope_ == before;
+    });
+    CHECK(threw_bad_alloc);
+    CHECK(scope_unchanged);
+    CHECK(scopes_still_work);
+}
+
+TEST_CASE("Destroying a cancel scope while a task is inside it terminates with a message",
+          "[cancel]") {
+    ChildOutcome child = run_in_child([] {
+        anyio::run([]() -> Task<> {
+            auto scope = std::make_unique<CancelScope>();
+            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> Task<> {
+                tg.start_soon([&]() -> Task<> { co_await scope->run(nothing_after_sleep(50ms)); });
+                co_await anyio::checkpoint();  // the child is inside the scope, sleeping
+                scope.reset();
+            });
+        });
+    });
+    CHECK(child.aborted);
+    CHECK(child.stderr_text.find("anyio: fatal error: anyio::CancelScope: a cancel scope was "
+                                 "destroyed while a task was still inside it") !=
+          std::string::npos);
+}
+
+TEST_CASE("cancel, set_deadline and set_shield from another thread throw std::logic_error",
+          "[cancel]") {
+    std::vector<std::string> outcomes;
+    bool cancelled = true;
+    anyio::run([&]() -> Task<> {
+        CancelScope scope;
+        co_await scope.run([&]() -> Task<> {
+            std::thread other([&] {
+                outcomes.push_back(outcome_of([&] { scope.cancel(); }));
+                outcomes.push_back(outcome_of([&] { scope.set_deadline(Clock::now()); }));
+                outcomes.push_back(outcome_of([&] { scope.set_shield(true); }));
+            });
+            other.join();
+            co_await anyio::checkpoint();
+        }());
+        cancelled = scope.cancel_called() || scope.shield();
+    });
+    CHECK(outcomes == std::vector<std::string>(3, "std::logic_error"));
+    CHECK_FALSE(cancelled);
+}
+
+TEST_CASE("100,000 nested cancel scopes are entered in O(1) each, and cancelling the outermost "
+          "reaches the innermost without recursion",
+          "[cancel][stress]") {
+    constexpr int depth = 100'000;
+    bool innermost_cancelled = false;
+    bool caught_by_outer = false;
+    Clock::duration entering{};
+    Clock::duration cancelling{};
+    anyio::run([&]() -> Task<> {
+        CancelScope outer;
+        anyio::Event innermost_waiting;
+        Stopwatch watch;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> Task<> {
+            tg.start_soon([&]() -> Task<> {
+                co_await outer.run(nest_scopes(depth, innermost_waiting, innermost_cancelled));
+            });
+            co_await innermost_waiting.wait();
+            entering = watch.elapsed();
+            watch = Stopwatch{};
+            outer.cancel();
+        });
+        cancelling = watch.elapsed();
+        caught_by_outer = outer.cancelled_caught();
+    });
+    CHECK(innermost_cancelled);
+    CHECK(caught_by_outer);
+    // Before: entering walked to the root each time (21.7 s for 100,000), delivery recursed.
+    CHECK(entering < 10s);
+    CHECK(cancelling < 10s);
+}
+
+TEST_CASE("Shielding a scope after an outer cancellation protects the tasks inside it from "
+          "then on, and lifting the shield again cancels them",
+          "[cancel]") {
+    bool inner_cancelled_while_shielded = true;
+    bool inner_cancelled_after = false;
+    anyio::run([&]() -> Task<> {
+        CancelScope outer;
+        CancelScope middle;
+        CancelScope inner;
+        co_await outer.run([&]() -> Task<> {
+            co_await middle.run([&]() -> Task<> {
+                co_await inner.run([&]() -> Task<> {
+                    outer.cancel();
+                    middle.set_shield(true);  // the pending outer cancellation no longer applies
+                    inner_cancelled_while_shielded =
+                        anyio::detail::is_cancelled(CancelScope::current_task("test"));
+                    co_await anyio::checkpoint();  // not a Cancelled
+                    middle.set_shield(false);
+                    inner_cancelled_after =
+                        anyio::detail::is_cancelled(CancelScope::current_task("test"));
+                    co_await anyio::checkpoint();  // Cancelled, caught by outer
+                }());
+            }());
+        }());
+        CHECK(outer.cancelled_caught());
+        CHECK_FALSE(middle.cancelled_caught());
+        CHECK_FALSE(inner.cancelled_caught());
+    });
+    CHECK_FALSE(inner_cancelled_while_shielded);
+    CHECK(inner_cancelled_after);
 }

@@ -246,9 +246,9 @@ TEST_CASE("Every error's message is non-empty", "[errors]") {
             nested_run = e.what();
         }
         anyio::Task<> once = []() -> anyio::Task<> { co_return; }();
-        co_await once;
+        co_await std::move(once);
         try {
-            co_await once;
+            co_await std::move(once);
         } catch (const std::logic_error& e) {
             awaited_twice = e.what();
         }

@@ -5,6 +5,7 @@
 #include <anyio/task.hpp>
 #include <anyio/to_thread.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -15,12 +16,15 @@
 #include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
 
 // Tests for the event loop (include/anyio/event_loop.hpp): the forms of run(), the current
 // loop, call_soon / call_soon_threadsafe / call_later / call_at, LoopToken, the clock, errors
 // escaping callbacks and what leaving run() cleans up.
 
 using namespace std::chrono_literals;
+
+ANYIO_TEST_FAILING_OPERATOR_NEW();
 
 namespace {
 
@@ -455,48 +459,23 @@ TEST_CASE("loop.time() is monotonic and on the steady clock", "[loop]") {
     CHECK(across_sleep >= 5ms);
 }
 
-TEST_CASE("An exception escaping a callback is rethrown by run() after the main task "
-          "finishes",
+TEST_CASE("An exception escaping a callback goes to Options::on_callback_error and never "
+          "replaces run()'s result",
           "[loop]") {
-    bool main_finished = false;
-    std::string message;
-    try {
-        anyio::run([&]() -> anyio::Task<int> {
-            anyio::EventLoop::current()->call_soon(
-                [] { throw std::runtime_error("callback failed"); });
-            co_await anyio::checkpoint();
-            co_await anyio::checkpoint();  // the callback has run and thrown by now
-            co_await anyio::sleep(1ms);    // and the main task is not disturbed
-            main_finished = true;
-            co_return 1;
-        });
-    } catch (const std::runtime_error& error) {
-        message = error.what();
-    }
-    CHECK(main_finished);
-    CHECK(message == "callback failed");
-
-    // The same for a timer callback.
-    main_finished = false;
-    message.clear();
-    try {
-        anyio::run([&]() -> anyio::Task<> {
-            anyio::EventLoop::current()->call_later(
-                1ms, [] { throw std::runtime_error("timer callback failed"); });
-            co_await anyio::sleep(10ms);
-            main_finished = true;
-        });
-    } catch (const std::runtime_error& error) {
-        message = error.what();
-    }
-    CHECK(main_finished);
-    CHECK(message == "timer callback failed");
-
-    // And for a callback posted from another thread.
-    main_finished = false;
-    message.clear();
-    try {
-        anyio::run([&]() -> anyio::Task<> {
+    std::vector<std::string> reported;
+    anyio::EventLoop::Options options;
+    options.on_callback_error = [&](std::exception_ptr error) {
+        try {
+            std::rethrow_exception(error);
+        } catch (const std::runtime_error& e) {
+            reported.emplace_back(e.what());
+        }
+    };
+    int value = anyio::run(
+        [&]() -> anyio::Task<int> {
+            anyio::EventLoop& loop = *anyio::EventLoop::current();
+            loop.call_soon([] { throw std::runtime_error("callback failed"); });
+            loop.call_later(1ms, [] { throw std::runtime_error("timer callback failed"); });
             anyio::LoopToken token = anyio::lowlevel::current_token();
             anyio::Event posted;
             std::jthread poster([&] {
@@ -504,13 +483,209 @@ TEST_CASE("An exception escaping a callback is rethrown by run() after the main 
                 token.call_soon_threadsafe([&] { posted.set(); });
             });
             co_await anyio::fail_after(5s, wait_for(posted));
-            main_finished = true;
-        });
-    } catch (const std::runtime_error& error) {
+            co_await anyio::sleep(10ms);  // the timer has fired; the main task is not disturbed
+            co_return 7;
+        }(),
+        options);
+    CHECK(value == 7);
+    REQUIRE(reported.size() == 3);
+    CHECK(std::find(reported.begin(), reported.end(), "callback failed") != reported.end());
+    CHECK(std::find(reported.begin(), reported.end(), "timer callback failed") != reported.end());
+    CHECK(std::find(reported.begin(), reported.end(), "remote failed") != reported.end());
+
+    // A main task that fails still reports its own error, not the callback's.
+    reported.clear();
+    std::string message;
+    try {
+        anyio::run(
+            [&]() -> anyio::Task<> {
+                anyio::EventLoop::current()->call_soon(
+                    [] { throw std::runtime_error("callback failed"); });
+                co_await anyio::checkpoint();
+                throw std::logic_error("main failed");
+            }(),
+            options);
+    } catch (const std::logic_error& error) {
         message = error.what();
     }
-    CHECK(main_finished);
-    CHECK(message == "remote failed");
+    CHECK(message == "main failed");
+    CHECK(reported.size() == 1);
+}
+
+TEST_CASE("By default an exception escaping a callback is reported in one line on stderr",
+          "[loop]") {
+    anyio_test::ChildOutcome child = anyio_test::run_in_child([] {
+        int value = anyio::run([]() -> anyio::Task<int> {
+            anyio::EventLoop::current()->call_soon(
+                [] { throw std::runtime_error("callback failed on purpose"); });
+            co_await anyio::checkpoint();
+            co_await anyio::checkpoint();
+            co_return 5;
+        });
+        if (value != 5) std::_Exit(1);
+    });
+    CHECK(child.exit_code == 0);
+    const std::string line =
+        "anyio: exception in a loop callback (ignored): callback failed on purpose\n";
+    CHECK(child.stderr_text.find(line) != std::string::npos);
+    CHECK(std::count(child.stderr_text.begin(), child.stderr_text.end(), '\n') == 1);
+}
+
+TEST_CASE("A timer that re-arms itself in the past fires once per loop turn and does not "
+          "starve the tasks",
+          "[loop]") {
+    // A callback that re-arms itself for a time long past, up to `limit` times (before the fix
+    // the loop fired it again and again within one turn and no task ran in between).
+    struct Rearm {
+        anyio::EventLoop* loop;
+        int* fires;
+        int limit;
+        void operator()() const {
+            if (++*fires < limit) loop->call_at(anyio::EventLoop::time_point{}, *this);
+        }
+    };
+    constexpr int limit = 100'000;
+    int fires = 0;
+    std::vector<int> fires_seen_by_task;
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::EventLoop& loop = *anyio::EventLoop::current();
+        loop.call_at(loop.time() - 1s, Rearm{&loop, &fires, limit});
+        for (int i = 0; i < 5; ++i) {
+            co_await anyio::checkpoint();
+            fires_seen_by_task.push_back(fires);
+        }
+        fires = limit;  // stop it
+    });
+    REQUIRE(fires_seen_by_task.size() == 5);
+    CHECK(fires_seen_by_task.front() <= 2);
+    for (std::size_t i = 1; i < fires_seen_by_task.size(); ++i) {
+        CHECK(fires_seen_by_task[i] - fires_seen_by_task[i - 1] <= 2);
+    }
+}
+
+TEST_CASE("TimerHeap::push that cannot grow leaves the node unqueued and the heap intact",
+          "[loop]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
+    struct Node final : anyio::detail::TimerNode {
+        Node() noexcept : TimerNode(&fire) {}
+        static void fire(TimerNode*, bool) {}
+    };
+    std::vector<Node> nodes(64);
+    anyio::detail::TimerHeap heap;
+    const auto t0 = std::chrono::steady_clock::now();
+    // Push until a push needs to grow the heap's storage and that allocation fails.
+    std::size_t pushed = 0;
+    bool failed = false;
+    while (!failed && pushed < nodes.size()) {
+        anyio_test::fail_allocations = true;
+        try {
+            heap.push(&nodes[pushed], t0 + std::chrono::seconds(64 - pushed));
+            anyio_test::fail_allocations = false;
+            ++pushed;
+        } catch (const std::bad_alloc&) {
+            anyio_test::fail_allocations = false;
+            failed = true;
+        }
+    }
+    REQUIRE(failed);
+    Node& refused = nodes[pushed];
+    CHECK_FALSE(refused.queued());
+    CHECK(heap.size() == pushed);
+    heap.remove(&refused);  // a no-op: the heap never took it
+    CHECK(heap.size() == pushed);
+    // The heap still works: the refused node can be pushed now, and all come out in order.
+    heap.push(&refused, t0);
+    CHECK(heap.top() == &refused);
+    std::size_t popped = 0;
+    auto previous = t0 - 1s;
+    while (anyio::detail::TimerNode* top = heap.top()) {
+        CHECK(top->when_ >= previous);
+        previous = top->when_;
+        heap.remove(top);
+        ++popped;
+    }
+    CHECK(popped == pushed + 1);
+}
+
+TEST_CASE("run() that fails to start its main task leaves the loop closed, so ~EventLoop "
+          "does not terminate",
+          "[loop]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
+    bool threw_bad_alloc = false;
+    bool finished = false;
+    {
+        anyio::EventLoop loop;
+        anyio::Task<int> main = value_of(1);
+        anyio_test::fail_allocations = true;  // the frames run() creates cannot be allocated
+        try {
+            (void)loop.run(std::move(main));
+        } catch (const std::bad_alloc&) {
+            threw_bad_alloc = true;
+        }
+        anyio_test::fail_allocations = false;
+        finished = loop.is_finished() && !loop.is_running();
+    }  // before the fix, ~EventLoop called std::terminate here
+    CHECK(threw_bad_alloc);
+    CHECK(finished);
+    CHECK(anyio::EventLoop::current() == nullptr);
+    CHECK(anyio::run(value_of(2)) == 2);  // and this thread can run a loop again
+}
+
+TEST_CASE("call_soon and call_at after run() has finished throw RunFinishedError and free "
+          "the callable",
+          "[loop]") {
+    anyio::EventLoop loop;
+    CHECK(loop.run(value_of(3)) == 3);
+    auto captured = std::make_shared<int>(0);
+    bool ran = false;
+    CHECK_THROWS_AS(loop.call_soon([captured, &ran] { ran = true; }), anyio::RunFinishedError);
+    CHECK_THROWS_AS(loop.call_at(loop.time(), [captured, &ran] { ran = true; }),
+                    anyio::RunFinishedError);
+    CHECK_THROWS_AS(loop.call_later(1ms, [captured, &ran] { ran = true; }),
+                    anyio::RunFinishedError);
+    CHECK_FALSE(ran);
+    CHECK(captured.use_count() == 1);  // nothing was queued or leaked
+}
+
+TEST_CASE("call_soon, call_at, spawn and schedule from another thread while the loop runs "
+          "throw std::logic_error",
+          "[loop]") {
+    struct Node final : anyio::detail::Runnable {
+        Node() noexcept : Runnable(&invoke) {}
+        static void invoke(Runnable* self, bool) { static_cast<Node*>(self)->ran = true; }
+        bool ran = false;
+    } node;
+    std::vector<std::string> outcomes;
+    bool callback_ran = false;
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::EventLoop* loop = anyio::EventLoop::current();
+        std::thread other([&] {
+            auto outcome = [&](auto&& fn) {
+                try {
+                    fn();
+                    outcomes.emplace_back("returned");
+                } catch (const std::logic_error& error) {
+                    outcomes.emplace_back(std::string("logic_error: ") + error.what());
+                } catch (...) {
+                    outcomes.emplace_back("other exception");
+                }
+            };
+            outcome([&] { loop->call_soon([&] { callback_ran = true; }); });
+            outcome([&] { loop->call_at(loop->time(), [&] { callback_ran = true; }); });
+            outcome([&] { loop->spawn(set_flag(callback_ran)); });
+            outcome([&] { loop->schedule(&node); });
+        });
+        other.join();
+        co_await anyio::checkpoint();
+        co_await anyio::checkpoint();
+    });
+    REQUIRE(outcomes.size() == 4);
+    for (const std::string& outcome : outcomes) {
+        CHECK(outcome.rfind("logic_error: anyio::", 0) == 0);
+        CHECK(outcome.find("call_soon_threadsafe") != std::string::npos);
+    }
+    CHECK_FALSE(callback_ran);
+    CHECK_FALSE(node.ran);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -624,5 +799,23 @@ TEST_CASE("Leaving run destroys a suspended chain of 100,000 nested tasks withou
             nested_waiting(depth, never, innermost_waiting, &destroyed));
         co_await anyio::fail_after(5s, wait_for(innermost_waiting));
     });
+    CHECK(destroyed == depth + 1);
+}
+
+TEST_CASE("Leaving run destroys a suspended chain of 100,000 nested tasks while every "
+          "allocation fails: shutdown allocates nothing",
+          "[loop][stress]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
+    constexpr int depth = 100'000;
+    int destroyed = 0;
+    anyio::Event never;
+    anyio::Event innermost_waiting;
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::EventLoop::current()->spawn(
+            nested_waiting(depth, never, innermost_waiting, &destroyed));
+        co_await innermost_waiting.wait();
+        anyio_test::fail_allocations = true;  // from here until run() has returned
+    });
+    anyio_test::fail_allocations = false;
     CHECK(destroyed == depth + 1);
 }

@@ -11,7 +11,10 @@
 #include <cstddef>
 #include <cstdlib>
 #include <new>
+#include <memory>
+#include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "catch.hpp"
@@ -444,4 +447,57 @@ TEST_CASE("sleep(d) with d too large for the clock sleeps until cancelled", "[ev
     });
     CHECK_FALSE(woke_early);
     CHECK(sleeper_cancelled);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misuse
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Destroying an Event with waiters wakes them with std::logic_error saying the Event "
+          "was destroyed",
+          "[event]") {
+    std::vector<std::string> errors;
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        auto event = std::make_unique<anyio::Event>();
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            for (int i = 0; i < 3; ++i) {
+                tg.start_soon([&]() -> anyio::Task<> {
+                    try {
+                        co_await event->wait();
+                    } catch (const std::logic_error& error) {
+                        errors.emplace_back(error.what());
+                    }
+                });
+            }
+            co_await anyio::checkpoint();  // all three wait
+            event.reset();                 // before the fix: they waited for ever
+        });
+    });
+    REQUIRE(errors.size() == 3);
+    for (const std::string& error : errors) {
+        CHECK(error.find("anyio::Event::wait: the Event this task was waiting on was destroyed") !=
+              std::string::npos);
+    }
+}
+
+TEST_CASE("Event::set and Event::wait from another thread throw std::logic_error", "[event]") {
+    std::string set_outcome;
+    std::string wait_outcome;
+    bool set_after = true;
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::Event event;
+        co_await anyio::move_on_after(1ms, wait_for(event));  // the event now belongs to this loop
+        std::thread other([&] {
+            set_outcome = anyio_test::outcome_of([&] { event.set(); });
+            wait_outcome = anyio_test::outcome_of([&] {
+                auto waiter = event.wait();
+                (void)waiter;
+            });
+        });
+        other.join();
+        set_after = event.is_set();
+    });
+    CHECK(set_outcome == "std::logic_error");
+    CHECK(wait_outcome == "std::logic_error");
+    CHECK_FALSE(set_after);
 }

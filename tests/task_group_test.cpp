@@ -12,11 +12,14 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "catch.hpp"
 #include "test_support.hpp"
+
+ANYIO_TEST_FAILING_OPERATOR_NEW();
 
 // Tests of anyio::task_group / anyio::TaskGroup (API.md, "Structured concurrency").
 //
@@ -74,6 +77,13 @@ Task<> fail_after_checkpoint(std::string message) {
 Task<> append_string(std::string& out, const std::string& text) {
     co_await anyio::checkpoint();
     out += text;
+}
+
+/// Waits for `go`, then fails with NotStd{code} (an exception whose throw allocates nothing
+/// through operator new).
+Task<> fail_when_set(anyio::Event& go, int code) {
+    co_await go.wait();
+    throw NotStd{code};
 }
 
 }  // namespace
@@ -811,4 +821,56 @@ TEST_CASE("start_soon on a group whose children have all finished is refused or 
 
     CHECK((refused || late_started));
     CHECK((refused || late_finished_when_group_returned));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misuse and failure
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Children that fail while every allocation fails still have their errors recorded: "
+          "a child's end allocates nothing",
+          "[task_group]") {
+    if (!anyio_test::can_fail_allocations) return;  // operator new cannot be replaced (TSan)
+    constexpr int children = 100;
+    std::size_t errors = 0;
+    try {
+        anyio::run([&]() -> Task<> {
+            anyio::Event go;
+            co_await anyio::task_group([&](TaskGroup& tg) -> Task<> {
+                for (int i = 0; i < children; ++i) tg.start_soon(fail_when_set, std::ref(go), i);
+                tg.start_soon([&]() -> Task<> {  // resumes after the failing ones
+                    co_await go.wait();
+                    anyio_test::fail_allocations = false;
+                });
+                co_await anyio::checkpoint();  // every child waits for `go`
+                anyio_test::fail_allocations = true;
+                go.set();
+            });
+        });
+    } catch (const anyio::ExceptionGroup& group) {
+        errors = group.exceptions().size();
+    }
+    anyio_test::fail_allocations = false;
+    CHECK(errors == children);
+}
+
+TEST_CASE("TaskGroup::start_soon and cancelling the group from another thread throw "
+          "std::logic_error",
+          "[task_group]") {
+    std::string start_outcome;
+    std::string cancel_outcome;
+    int sum = 0;
+    anyio::run([&]() -> Task<> {
+        co_await anyio::task_group([&](TaskGroup& tg) -> Task<> {
+            std::thread other([&] {
+                start_outcome = anyio_test::outcome_of([&] { tg.start_soon(add_now(sum, 1)); });
+                cancel_outcome = anyio_test::outcome_of([&] { tg.cancel_scope().cancel(); });
+            });
+            other.join();
+            co_return;
+        });
+    });
+    CHECK(start_outcome == "std::logic_error");
+    CHECK(cancel_outcome == "std::logic_error");
+    CHECK(sum == 0);
 }

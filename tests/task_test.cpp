@@ -1,19 +1,32 @@
 #include <anyio/task.hpp>
 
+#include <anyio/capacity_limiter.hpp>
+#include <anyio/cancel_scope.hpp>
 #include <anyio/event.hpp>
 #include <anyio/event_loop.hpp>
+#include <anyio/task_group.hpp>
+#include <anyio/to_thread.hpp>
 
+#include <chrono>
+#include <coroutine>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "catch.hpp"
+#include "test_support.hpp"
+
+using namespace std::chrono_literals;
 
 // Tests for anyio::Task<T> (include/anyio/task.hpp): laziness, move-only ownership, every
-// kind of result, exception propagation, misuse, frame ownership and long await chains.
+// kind of result, exception propagation, misuse, frame ownership, long await chains, and
+// custom awaitables (with lowlevel::current_task()).
 
 namespace {
 
@@ -86,6 +99,132 @@ anyio::Task<int> nested_throwing(int depth) {
     co_return below + 1;
 }
 
+
+anyio::Task<int> value_after(anyio::Event& event, int value) {
+    co_await event.wait();
+    co_return value;
+}
+
+// Can `T` be awaited through a member operator co_await?
+template <class T>
+concept member_co_awaitable = requires(T&& t) { std::forward<T>(t).operator co_await(); };
+
+// ---- Custom awaitables: C++20 awaitables that know nothing of anyio ----
+
+// Resumes the coroutine from a call_soon callback (a plain callback on the loop thread).
+struct ResumeFromCallSoon {
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> handle) const {
+        anyio::EventLoop::current()->call_soon([handle] { handle.resume(); });
+    }
+    int await_resume() const noexcept { return 7; }
+};
+
+// Completes on another thread, which hands the resumption to the loop through
+// call_soon_threadsafe (the usual way to wrap a callback library).
+struct ResumeFromOtherThread {
+    std::thread worker;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> handle) {
+        anyio::LoopToken token = anyio::lowlevel::current_token();
+        worker = std::thread([token, handle] {
+            std::this_thread::sleep_for(1ms);  // "the operation"
+            token.call_soon_threadsafe([handle] { handle.resume(); });
+        });
+    }
+    std::thread::id await_resume() {
+        worker.join();
+        return std::this_thread::get_id();
+    }
+};
+
+// Reschedules the task through lowlevel::current_task(), from a callback or another thread.
+struct Reschedule {
+    bool from_other_thread = false;
+    std::thread worker;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<>) {
+        anyio::lowlevel::TaskHandle task = anyio::lowlevel::current_task();
+        if (from_other_thread) {
+            worker = std::thread([task] { task.reschedule_threadsafe(); });
+        } else {
+            anyio::EventLoop::current()->call_soon([task] { task.reschedule(); });
+        }
+    }
+    void await_resume() {
+        if (worker.joinable()) worker.join();
+    }
+};
+
+// Stores the handle for someone else to resume.
+struct Park {
+    std::coroutine_handle<>* slot;
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> handle) const noexcept { *slot = handle; }
+    void await_resume() const noexcept {}
+};
+
+// Resumes the coroutine inline, inside its own await_suspend.
+struct ResumeInline {
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> handle) const { handle.resume(); }
+    void await_resume() const noexcept {}
+};
+
+// Declines to suspend (await_suspend returns false), or symmetric-transfers straight back to
+// the handle it was given.
+struct DeclineToSuspend {
+    bool await_ready() const noexcept { return false; }
+    bool await_suspend(std::coroutine_handle<>) const noexcept { return false; }
+    int await_resume() const noexcept { return 1; }
+};
+struct TransferBack {
+    bool await_ready() const noexcept { return false; }
+    std::coroutine_handle<> await_suspend(std::coroutine_handle<> handle) const noexcept {
+        return handle;
+    }
+    int await_resume() const noexcept { return 2; }
+};
+
+// An awaitable through a (non-member) operator co_await.
+struct NeedsOperatorCoAwait {};
+ResumeFromCallSoon operator co_await(NeedsOperatorCoAwait) { return {}; }
+
+// Uses every kind of loop primitive, so a test can check they all work in the task it runs in.
+anyio::Task<std::string> use_every_primitive(anyio::lowlevel::TaskHandle expected_task) {
+    std::string failures;
+    if (!(anyio::lowlevel::current_task() == expected_task)) failures += "current_task; ";
+    if (co_await value_of(5) != 5) failures += "Task; ";
+    if (co_await nested(50) != 50) failures += "nested Task; ";
+    co_await anyio::checkpoint();
+    co_await anyio::sleep(1ms);
+    anyio::Event event;
+    event.set();
+    co_await event.wait();
+    if (!co_await anyio::move_on_after(1h, value_of(3))) failures += "move_on_after; ";
+    if (co_await anyio::move_on_after(1ms, value_after(event, 0)) != std::optional<int>(0)) {
+        failures += "move_on_after (set event); ";
+    }
+    anyio::Event never;
+    if (co_await anyio::move_on_after(1ms, value_after(never, 1))) failures += "timeout; ";
+    int children = 0;
+    co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+        for (int i = 0; i < 3; ++i) {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await anyio::checkpoint();
+                ++children;
+            });
+        }
+        co_return;
+    });
+    if (children != 3) failures += "task_group; ";
+    anyio::CapacityLimiter limiter(1);
+    co_await limiter.acquire();
+    limiter.release();
+    if (co_await anyio::to_thread::run_sync([] { return 11; }) != 11) failures += "run_sync; ";
+    if (!(anyio::lowlevel::current_task() == expected_task)) failures += "current_task after; ";
+    co_return failures;
+}
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -306,9 +445,9 @@ TEST_CASE("Awaiting an already awaited task throws std::logic_error", "[task]") 
     std::string message;
     anyio::run([&]() -> anyio::Task<> {
         anyio::Task<int> task = value_of(8);
-        first = co_await task;
+        first = co_await std::move(task);
         try {
-            co_await task;
+            co_await std::move(task);  // from this task or any other: the first await took it
         } catch (const std::logic_error& error) {
             threw = true;
             message = error.what();
@@ -322,15 +461,286 @@ TEST_CASE("Awaiting an already awaited task throws std::logic_error", "[task]") 
     bool ran = false;
     anyio::run([&]() -> anyio::Task<> {
         anyio::Task<> task = set_flag(ran);
-        co_await task;
+        co_await std::move(task);
         try {
-            co_await task;
+            co_await std::move(task);
         } catch (const std::logic_error&) {
             void_threw = true;
         }
     });
     CHECK(ran);
     CHECK(void_threw);
+}
+
+
+TEST_CASE("Awaiting consumes a Task: an lvalue Task cannot be awaited and an awaited one is "
+          "left empty",
+          "[task]") {
+    static_assert(member_co_awaitable<anyio::Task<int>&&>);
+    static_assert(!member_co_awaitable<anyio::Task<int>&>);
+    static_assert(!member_co_awaitable<const anyio::Task<int>&>);
+    bool valid_before = false;
+    bool valid_after = true;
+    int value = 0;
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::Task<int> task = value_of(12);
+        valid_before = task.valid();
+        value = co_await std::move(task);
+        valid_after = task.valid();
+    });
+    CHECK(valid_before);
+    CHECK_FALSE(valid_after);
+    CHECK(value == 12);
+}
+
+TEST_CASE("A task awaited by two tasks at once is rejected with std::logic_error", "[task]") {
+    int first = 0;
+    std::string second_error;
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::Event release;
+        anyio::Task<int> shared = value_after(release, 4);
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> { first = co_await std::move(shared); });
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await anyio::checkpoint();  // the first child is inside the task by now
+                try {
+                    co_await std::move(shared);
+                } catch (const std::logic_error& error) {
+                    second_error = error.what();
+                }
+                release.set();
+            });
+            co_return;
+        });
+    });
+    CHECK(first == 4);
+    CHECK(second_error.find("already awaited") != std::string::npos);
+}
+
+TEST_CASE("Destroying or reassigning a Task object while its coroutine is being awaited does "
+          "not disturb the await",
+          "[task]") {
+    int result = 0;
+    bool holder_empty = false;
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::Event release;
+        auto holder = std::make_unique<anyio::Task<int>>(value_after(release, 5));
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> { result = co_await std::move(*holder); });
+            co_await anyio::checkpoint();  // the child awaits the task, which waits on `release`
+            holder_empty = !holder->valid();
+            *holder = value_of(9);  // assigned over while awaited (once: freed the running frame)
+            holder.reset();         // and destroyed
+            release.set();
+        });
+    });
+    CHECK(holder_empty);
+    CHECK(result == 5);
+}
+
+TEST_CASE("Destroying a coroutine frame while the Task it awaits still runs terminates with a "
+          "message",
+          "[task]") {
+    // A coroutine type of the user's, not run by the loop, awaiting an anyio Task.
+    struct Detached {
+        struct promise_type {
+            Detached get_return_object() {
+                return {std::coroutine_handle<promise_type>::from_promise(*this)};
+            }
+            std::suspend_never initial_suspend() noexcept { return {}; }
+            std::suspend_always final_suspend() noexcept { return {}; }
+            void return_void() noexcept {}
+            void unhandled_exception() noexcept {}
+        };
+        std::coroutine_handle<promise_type> handle;
+    };
+    anyio_test::ChildOutcome child = anyio_test::run_in_child([] {
+        anyio::run([]() -> anyio::Task<> {
+            anyio::Event never;
+            Detached detached = [](anyio::Event& event) -> Detached {
+                co_await value_after(event, 1);
+            }(never);
+            co_await anyio::checkpoint();
+            detached.handle.destroy();  // the awaited task still waits on `never`
+        });
+    });
+    CHECK(child.aborted);
+    CHECK(child.stderr_text.find("anyio: fatal error: anyio::Task: a coroutine frame was "
+                                 "destroyed while the Task it awaits was still running") !=
+          std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Custom awaitables
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("A custom awaitable that resumes the coroutine from a call_soon callback leaves "
+          "every primitive working",
+          "[task][custom]") {
+    std::string failures = "not run";
+    int awaited = 0;
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::lowlevel::TaskHandle self = anyio::lowlevel::current_task();
+        awaited = co_await ResumeFromCallSoon{};
+        failures = co_await use_every_primitive(self);
+        // Also when the custom awaitable is awaited in a nested task.
+        failures += co_await [](anyio::lowlevel::TaskHandle task) -> anyio::Task<std::string> {
+            co_await ResumeFromCallSoon{};
+            co_return co_await use_every_primitive(task);
+        }(self);
+    });
+    CHECK(awaited == 7);
+    CHECK(failures.empty());
+}
+
+TEST_CASE("A custom awaitable resumed from another thread through call_soon_threadsafe leaves "
+          "every primitive working",
+          "[task][custom]") {
+    std::string failures = "not run";
+    bool resumed_on_loop_thread = false;
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::lowlevel::TaskHandle self = anyio::lowlevel::current_task();
+        std::thread::id resumed_on = co_await ResumeFromOtherThread{};
+        resumed_on_loop_thread = resumed_on == std::this_thread::get_id();
+        failures = co_await use_every_primitive(self);
+    });
+    CHECK(resumed_on_loop_thread);
+    CHECK(failures.empty());
+}
+
+TEST_CASE("lowlevel::current_task().reschedule() and reschedule_threadsafe() resume a task "
+          "suspended in a custom awaitable",
+          "[task][custom]") {
+    std::string failures = "not run";
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::lowlevel::TaskHandle self = anyio::lowlevel::current_task();
+        co_await Reschedule{false, {}};
+        failures = co_await use_every_primitive(self);
+        co_await Reschedule{true, {}};
+        failures += co_await use_every_primitive(self);
+    });
+    CHECK(failures.empty());
+    CHECK_THROWS_AS(anyio::lowlevel::current_task(), anyio::NoEventLoopError);
+}
+
+TEST_CASE("A custom awaitable may resume the coroutine inline, from its own await_suspend or "
+          "from another task's step",
+          "[task][custom]") {
+    std::string inline_failures = "not run";
+    std::string resumer_failures = "not run";
+    std::string resumed_failures = "not run";
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::lowlevel::TaskHandle self = anyio::lowlevel::current_task();
+        co_await ResumeInline{};
+        inline_failures = co_await use_every_primitive(self);
+
+        std::coroutine_handle<> parked;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                anyio::lowlevel::TaskHandle me = anyio::lowlevel::current_task();
+                co_await Park{&parked};
+                resumed_failures = co_await use_every_primitive(me);
+            });
+            tg.start_soon([&]() -> anyio::Task<> {
+                anyio::lowlevel::TaskHandle me = anyio::lowlevel::current_task();
+                co_await anyio::checkpoint();  // the other child has parked by now
+                parked.resume();  // it runs inside this step until it suspends, then we go on
+                resumer_failures = co_await use_every_primitive(me);
+            });
+            co_return;
+        });
+    });
+    CHECK(inline_failures.empty());
+    CHECK(resumer_failures.empty());
+    CHECK(resumed_failures.empty());
+}
+
+TEST_CASE("Custom awaitables through operator co_await, or whose await_suspend returns bool "
+          "or a handle, work",
+          "[task][custom]") {
+    std::vector<int> results;
+    anyio::run([&]() -> anyio::Task<> {
+        results.push_back(co_await NeedsOperatorCoAwait{});
+        results.push_back(co_await DeclineToSuspend{});
+        results.push_back(co_await TransferBack{});
+        co_await anyio::checkpoint();
+        results.push_back(co_await value_of(3));
+    });
+    CHECK(results == std::vector<int>{7, 1, 2, 3});
+}
+
+TEST_CASE("Rescheduling a task twice, or one not suspended in a custom awaitable, throws "
+          "std::logic_error",
+          "[task][custom]") {
+    std::vector<std::string> errors;
+    anyio::lowlevel::TaskHandle empty;
+    CHECK_FALSE(static_cast<bool>(empty));
+    CHECK_THROWS_AS(empty.reschedule(), std::logic_error);
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::lowlevel::TaskHandle self = anyio::lowlevel::current_task();
+        try {
+            self.reschedule();  // running, not suspended
+        } catch (const std::logic_error& error) {
+            errors.emplace_back(error.what());
+        }
+        struct RescheduleTwice {
+            std::vector<std::string>* errors;
+            bool await_ready() const noexcept { return false; }
+            void await_suspend(std::coroutine_handle<>) const {
+                anyio::lowlevel::TaskHandle task = anyio::lowlevel::current_task();
+                task.reschedule();
+                try {
+                    task.reschedule();
+                } catch (const std::logic_error& error) {
+                    errors->emplace_back(error.what());
+                }
+            }
+            void await_resume() const noexcept {}
+        };
+        co_await RescheduleTwice{&errors};
+        std::thread other([&] {
+            try {
+                self.reschedule();
+            } catch (const std::logic_error& error) {
+                errors.emplace_back(error.what());
+            }
+        });
+        other.join();
+    });
+    REQUIRE(errors.size() == 3);
+    CHECK(errors[0].find("not suspended in a custom awaitable") != std::string::npos);
+    CHECK(errors[1].find("not suspended in a custom awaitable") != std::string::npos);
+    CHECK(errors[2].find("call_soon_threadsafe") != std::string::npos);
+}
+
+TEST_CASE("A task cancelled while suspended in a custom awaitable raises Cancelled at its next "
+          "cancellation point after it resumes",
+          "[task][custom]") {
+    bool resumed = false;
+    bool reached_after_checkpoint = false;
+    bool caught = false;
+    anyio_test::run_loop([&]() -> anyio::Task<> {
+        anyio::CancelScope scope;
+        std::coroutine_handle<> parked;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await scope.run([&]() -> anyio::Task<> {
+                    co_await Park{&parked};
+                    resumed = true;
+                    co_await anyio::checkpoint();
+                    reached_after_checkpoint = true;
+                }());
+                caught = scope.cancelled_caught();
+            });
+            co_await anyio::checkpoint();
+            scope.cancel();               // cannot wake it: the custom awaitable holds it
+            co_await anyio::checkpoint();
+            anyio::EventLoop::current()->call_soon([&] { parked.resume(); });
+        });
+    });
+    CHECK(resumed);
+    CHECK_FALSE(reached_after_checkpoint);
+    CHECK(caught);
 }
 
 // ---------------------------------------------------------------------------------------------

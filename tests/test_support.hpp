@@ -152,3 +152,123 @@ inline std::size_t thread_count() {
 }
 
 }  // namespace anyio_test
+
+// =============================================================================================
+// Appended for the core-loop tests (task_test, event_loop_test, cancel_scope_test,
+// task_group_test, event_test): running code in a child process, and failing allocations.
+// =============================================================================================
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace anyio_test {
+
+// How a child process started by run_in_child ended.
+struct ChildOutcome {
+    bool aborted = false;  // killed by SIGABRT (std::terminate, std::abort)
+    int exit_code = -1;    // its exit status if it exited normally
+    std::string stderr_text;
+};
+
+// Runs `fn` in a forked child process whose stderr is captured, and waits for it: the way to
+// test that a misuse terminates the process with a message (a "death test"). The child exits
+// with 0 if `fn` returns and with 3 if it throws.
+template <class F>
+ChildOutcome run_in_child(F&& fn) {
+    int fds[2];
+    if (::pipe(fds) != 0) throw std::runtime_error("run_in_child: pipe() failed");
+    std::fflush(nullptr);
+    pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("run_in_child: fork() failed");
+    if (pid == 0) {
+        // The test framework's handlers would report the abort as a failed test of its own.
+        for (int sig : {SIGABRT, SIGSEGV, SIGILL, SIGFPE, SIGBUS}) std::signal(sig, SIG_DFL);
+        ::close(fds[0]);
+        ::dup2(fds[1], STDERR_FILENO);
+        ::close(fds[1]);
+        int code = 0;
+        try {
+            fn();
+        } catch (...) {
+            code = 3;
+        }
+        std::fflush(nullptr);
+        ::_exit(code);
+    }
+    ::close(fds[1]);
+    ChildOutcome outcome;
+    char buffer[4096];
+    for (;;) {
+        ssize_t n = ::read(fds[0], buffer, sizeof buffer);
+        if (n <= 0) break;
+        outcome.stderr_text.append(buffer, static_cast<std::size_t>(n));
+    }
+    ::close(fds[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    outcome.aborted = WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT;
+    if (WIFEXITED(status)) outcome.exit_code = WEXITSTATUS(status);
+    return outcome;
+}
+
+// While set, every global operator new of a test program that uses
+// ANYIO_TEST_FAILING_OPERATOR_NEW() throws std::bad_alloc (the rest of the program allocates
+// through malloc as usual). Set it only around the step under test, and skip the test when
+// `can_fail_allocations` is false: clang's ThreadSanitizer runtime links its own operator new
+// statically, which cannot be replaced, so under TSan (either compiler) nothing is replaced.
+#if defined(__SANITIZE_THREAD__)
+#define ANYIO_TEST_CAN_FAIL_ALLOCATIONS 0
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define ANYIO_TEST_CAN_FAIL_ALLOCATIONS 0
+#endif
+#endif
+#ifndef ANYIO_TEST_CAN_FAIL_ALLOCATIONS
+#define ANYIO_TEST_CAN_FAIL_ALLOCATIONS 1
+#endif
+inline std::atomic<bool> fail_allocations{false};
+inline constexpr bool can_fail_allocations = ANYIO_TEST_CAN_FAIL_ALLOCATIONS != 0;
+
+inline void* allocate_unless_failing(std::size_t size) noexcept {
+    // relaxed: set and cleared by the thread under test around the step it tests.
+    if (fail_allocations.load(std::memory_order_relaxed)) return nullptr;
+    return std::malloc(size == 0 ? 1 : size);
+}
+
+}  // namespace anyio_test
+
+// Replaces the global operator new/delete of the test program (use it once, at namespace scope
+// of the test file) so that anyio_test::fail_allocations can make allocations fail. Every
+// non-aligned form is replaced, so that a sanitizer's own versions are never paired with these.
+#if !ANYIO_TEST_CAN_FAIL_ALLOCATIONS
+#define ANYIO_TEST_FAILING_OPERATOR_NEW() static_assert(true, "")
+#else
+#define ANYIO_TEST_FAILING_OPERATOR_NEW()                                                    \
+    void* operator new(std::size_t size) {                                                   \
+        if (void* p = anyio_test::allocate_unless_failing(size)) return p;                   \
+        throw std::bad_alloc();                                                              \
+    }                                                                                        \
+    void* operator new[](std::size_t size) {                                                 \
+        if (void* p = anyio_test::allocate_unless_failing(size)) return p;                   \
+        throw std::bad_alloc();                                                              \
+    }                                                                                        \
+    void* operator new(std::size_t size, const std::nothrow_t&) noexcept {                   \
+        return anyio_test::allocate_unless_failing(size);                                    \
+    }                                                                                        \
+    void* operator new[](std::size_t size, const std::nothrow_t&) noexcept {                 \
+        return anyio_test::allocate_unless_failing(size);                                    \
+    }                                                                                        \
+    void operator delete(void* p) noexcept { std::free(p); }                                 \
+    void operator delete[](void* p) noexcept { std::free(p); }                               \
+    void operator delete(void* p, std::size_t) noexcept { std::free(p); }                    \
+    void operator delete[](void* p, std::size_t) noexcept { std::free(p); }                  \
+    void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }          \
+    void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }        \
+    static_assert(true, "")
+#endif

@@ -3,9 +3,11 @@
 
 #include <chrono>
 #include <coroutine>
+#include <stdexcept>
 
 #include "cancel_scope.hpp"
 #include "detail/intrusive_list.hpp"
+#include "detail/loop_thread.hpp"
 #include "detail/timer_heap.hpp"
 #include "detail/wait.hpp"
 #include "event_loop.hpp"
@@ -22,7 +24,9 @@ namespace detail {
 class SleepAwaiter final : public CancellableWait<SleepAwaiter>, public TimerNode {
 public:
     explicit SleepAwaiter(std::chrono::steady_clock::time_point when) noexcept
-        : TimerNode(&fire), when_(when) {}
+        : TimerNode(&fire) {
+        when_ = when;  // the timer node's own field: read again when it is queued
+    }
     SleepAwaiter(const SleepAwaiter&) = delete;
     SleepAwaiter& operator=(const SleepAwaiter&) = delete;
     ~SleepAwaiter() {
@@ -45,11 +49,12 @@ private:
     static void fire(TimerNode* self, bool run) {
         if (run) static_cast<SleepAwaiter*>(self)->wake();
     }
-    std::chrono::steady_clock::time_point when_;
 };
 
 class CheckpointAwaiter {
 public:
+    using anyio_loop_awaitable = void;  // resumes the task only through the loop
+
     bool await_ready() const noexcept { return false; }
     bool await_suspend(std::coroutine_handle<> handle) {
         task_ = &CancelScope::current_task("checkpoint");
@@ -85,9 +90,14 @@ detail::SleepAwaiter sleep(std::chrono::duration<Rep, Period> delay) {
 inline detail::CheckpointAwaiter checkpoint() noexcept { return {}; }
 
 /// A one-shot event: wait() suspends until set() is called (at once if already set).
-/// Loop-thread only (from other threads, call set() through from_thread::run_sync or
-/// call_soon_threadsafe). Waiters are intrusive nodes in their own frames: no allocation.
-/// wait() is a cancellation point; a cancelled waiter unlinks itself in O(1).
+/// Waiters are intrusive nodes in their own frames: no allocation. wait() is a cancellation
+/// point; a cancelled waiter unlinks itself in O(1).
+///
+/// Loop-thread only: set() and wait() bind the event to the loop that first uses it and throw
+/// std::logic_error on any other thread (from a worker, set it through
+/// from_thread::run_sync; from other threads, LoopToken::call_soon_threadsafe). Destroying an
+/// event that tasks still wait on wakes them with std::logic_error saying so (set() it
+/// first).
 class Event {
     class Waiter;
 
@@ -96,12 +106,12 @@ public:
     Event(const Event&) = delete;
     Event& operator=(const Event&) = delete;
     ~Event() {
-        while (waiters_.pop_front() != nullptr) {
-        }
+        while (Waiter* waiter = waiters_.pop_front()) waiter->event_destroyed();
     }
 
     /// Sets the event and wakes every waiter (they resume on the next loop turn).
-    void set() noexcept {
+    void set() {
+        affinity_.check("Event::set");
         if (set_) return;
         set_ = true;
         while (Waiter* waiter = waiters_.pop_front()) waiter->notify();
@@ -109,7 +119,10 @@ public:
     [[nodiscard]] bool is_set() const noexcept { return set_; }
 
     /// Waits until the event is set.
-    [[nodiscard]] Waiter wait() noexcept { return Waiter{*this}; }
+    [[nodiscard]] Waiter wait() {
+        affinity_.check("Event::wait");
+        return Waiter{*this};
+    }
 
 private:
     class Waiter final : public detail::CancellableWait<Waiter>,
@@ -131,20 +144,34 @@ private:
             }
             return true;
         }
-        void await_resume() const { throw_if_cancelled(); }
+        void await_resume() const {
+            throw_if_cancelled();
+            if (event_destroyed_) {
+                throw std::logic_error(
+                    "anyio::Event::wait: the Event this task was waiting on was destroyed "
+                    "before it was set; keep an Event alive until its waiters have been woken "
+                    "(set() it before destroying it)");
+            }
+        }
 
         void abort() noexcept {
             if (ListHook<detail::EventWaitersTag>::linked()) {
                 ListHook<detail::EventWaitersTag>::unlink();
             }
         }
-        void notify() noexcept { wake(); }
+        void notify() { wake(); }
+        void event_destroyed() {
+            event_destroyed_ = true;
+            wake();
+        }
 
     private:
         Event* event_;
+        bool event_destroyed_ = false;
     };
 
     detail::IntrusiveList<Waiter, detail::EventWaitersTag> waiters_;
+    detail::LoopAffinity affinity_;
     bool set_ = false;
 };
 

@@ -7,6 +7,7 @@
 #include <concepts>
 #include <coroutine>
 #include <cstdint>
+#include <cstdio>
 #include <ctime>
 #include <exception>
 #include <functional>
@@ -14,6 +15,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -68,6 +70,10 @@ struct LoopOptions {
     /// How long leaving run() waits for busy workers before detaching them (their late
     /// results are then dropped safely). Empty: wait for ever.
     std::optional<std::chrono::steady_clock::duration> shutdown_timeout{};
+    /// Called on the loop thread with an exception that escaped a call_soon / call_at /
+    /// call_soon_threadsafe callback (asyncio's exception handler). It never replaces what
+    /// run() returns. Empty: one line on stderr. An exception it throws is dropped.
+    std::function<void(std::exception_ptr)> on_callback_error{};
 };
 
 /// A copyable handle to a loop that any thread may hold, even after the loop has finished:
@@ -111,11 +117,16 @@ private:
 /// and the token may be used from other threads.
 ///
 /// Thread safety: distinct objects safe; shared objects: only call_soon_threadsafe, token()
-/// and time() from other threads. Allocates its poller and shared block once; scheduling a
-/// task or a timer allocates nothing (the public call_soon* wrap a callable in one node).
-/// Shutdown (when run() returns): services such as the worker pool are shut down while the
-/// loop still processes completions, then the remote inbox is closed (later posts throw
-/// RunFinishedError), and every task frame still alive is destroyed.
+/// and time() from other threads. The loop-thread operations (call_soon, call_at, spawn,
+/// schedule) throw std::logic_error on any other thread; before run() the thread that created
+/// the loop may call_soon and spawn. Allocates its poller and shared block once; scheduling a
+/// task or a timer allocates nothing (the public call_soon* wrap a callable in one node, each
+/// task is one block besides its frames). An exception escaping a callback goes to
+/// Options::on_callback_error and never to run()'s caller.
+/// Shutdown (when run() returns, whatever way it leaves): services such as the worker pool
+/// are shut down while the loop still processes completions, then the remote inbox is closed
+/// (later posts throw RunFinishedError), and every task frame still alive is destroyed.
+/// After that call_soon and call_at throw RunFinishedError.
 class EventLoop {
 public:
     using clock = std::chrono::steady_clock;
@@ -126,7 +137,8 @@ public:
     explicit EventLoop(Options options = {})
         : options_(std::move(options)),
           shared_(std::make_shared<detail::LoopShared>()),
-          poller_(shared_->event_fd()) {}
+          poller_(shared_->event_fd()),
+          owner_(std::this_thread::get_id()) {}
     EventLoop(const EventLoop&) = delete;
     EventLoop& operator=(const EventLoop&) = delete;
     ~EventLoop() {
@@ -149,12 +161,14 @@ public:
     [[nodiscard]] bool is_running() const noexcept { return running_; }
     [[nodiscard]] bool is_finished() const noexcept { return finished_; }
 
-    /// Runs `fn()` on the loop soon, after what is already scheduled. Loop thread only (or
-    /// before the loop starts). Exceptions escaping `fn` are rethrown by run() at the end.
+    /// Runs `fn()` on the loop soon, after what is already scheduled. Loop thread only (or,
+    /// before the loop runs, the thread that created it: std::logic_error otherwise); throws
+    /// RunFinishedError once run() has finished. Allocates one node. An exception escaping
+    /// `fn` goes to Options::on_callback_error.
     template <class F>
     void call_soon(F&& fn) {
         require_loop_thread("call_soon");
-        schedule(detail::make_callback(std::forward<F>(fn)));
+        ready_.push(detail::make_callback(std::forward<F>(fn)));
     }
 
     /// Runs `fn()` on the loop thread soon; any thread. Lock-free: one CAS, plus a wake-up
@@ -164,7 +178,7 @@ public:
         token().call_soon_threadsafe(std::forward<F>(fn));
     }
 
-    /// Runs `fn()` on the loop at `when` / after `delay` (loop thread only).
+    /// Runs `fn()` on the loop at `when` / after `delay`. Threads and errors as call_soon.
     template <class F>
     void call_at(time_point when, F&& fn) {
         require_loop_thread("call_at");
@@ -188,33 +202,47 @@ public:
 
     // ---- Low-level interface for the library's primitives (not needed by applications) ----
 
-    void schedule(detail::Runnable* node) noexcept { ready_.push(node); }
-    /// Schedules `task` to resume at `where` (it is no longer at a cancellable wait).
-    void schedule_task(detail::TaskState& task, std::coroutine_handle<> where) noexcept {
+    /// Queues `node` to run on the next loop turn. Loop thread only: from any other thread it
+    /// throws std::logic_error (a loop object used from the wrong thread would otherwise push
+    /// onto the ready queue while the loop sleeps: a lost wake-up and a data race). The check
+    /// is one thread-local load.
+    void schedule(detail::Runnable* node) {
+        if (detail::current_loop != this) [[unlikely]] {
+            detail::throw_wrong_thread("EventLoop::schedule");
+        }
+        ready_.push(node);
+    }
+    /// Schedules `task` to resume at `where` (it is no longer at a cancellable wait). Loop
+    /// thread only, as schedule().
+    void schedule_task(detail::TaskState& task, std::coroutine_handle<> where) {
+        if (detail::current_loop != this) [[unlikely]] {
+            detail::throw_wrong_thread("EventLoop::schedule_task");
+        }
         task.wait_ = nullptr;
         task.resume_point_ = where;
-        schedule(&task);
+        ready_.push(&task);
     }
     void add_timer(detail::TimerNode* node, time_point when) { timers_.push(node, when); }
     void remove_timer(detail::TimerNode* node) noexcept { timers_.remove(node); }
     [[nodiscard]] std::size_t timer_count() const noexcept { return timers_.size(); }
 
-    /// The task being resumed right now (nullptr inside a plain callback).
-    [[nodiscard]] detail::TaskState* current_task() const noexcept { return current_task_; }
+    /// The task being resumed right now (nullptr inside a plain callback). Loop thread.
+    [[nodiscard]] detail::TaskState* current_task() const noexcept { return detail::running_task; }
 
     /// Starts `body` as a new task (scheduled, not yet run). `on_done(owner, task)` is called
-    /// on the loop when it ends; the TaskState lives in the task's own frame.
+    /// on the loop when it ends (task.outcome_ and task.error_ say how), where nothing may
+    /// throw. The TaskState lives in the task's root block (one allocation: bad_alloc leaves
+    /// nothing started). Loop thread (or its owner before run()).
     detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
                              void* owner = nullptr) {
-        detail::RootCoroutine root = detail::root_coroutine(std::move(body));
-        detail::TaskState& task = root.handle.promise();
-        task.loop_ = this;
-        task.resume_point_ = root.handle;
-        task.on_done_ = on_done;
-        task.owner_ = owner;
-        live_tasks_.push_back(task);
-        schedule(&task);
-        return task;
+        require_loop_thread("spawn");
+        auto* task = new detail::RootTask(body.release());  // nothing else can throw
+        task->loop_ = this;
+        task->on_done_ = on_done;
+        task->owner_ = owner;
+        live_tasks_.push_back(*task);
+        ready_.push(task);
+        return *task;
     }
 
     /// The loop's instance of `Service` (created on first use, destroyed with the loop).
@@ -244,13 +272,27 @@ public:
     [[nodiscard]] detail::Poller& poller() noexcept { return poller_; }
     [[nodiscard]] detail::LoopShared& shared() noexcept { return *shared_; }
 
-    /// Throws std::logic_error unless called on this loop's thread (or before it runs).
+    /// Throws std::logic_error unless called on the thread running this loop or, before it
+    /// runs, on the thread that owns it (that created it); RunFinishedError once run() has
+    /// finished. Reads nothing another thread writes without synchronisation: the running
+    /// thread is recognised by its own thread-local current_loop, the owner by its id.
     void require_loop_thread(const char* what) const {
-        if (running_ && detail::current_loop != this) {
-            throw std::logic_error(std::string("anyio::EventLoop::") + what +
-                                   " must be called on the loop's own thread; from other "
-                                   "threads use call_soon_threadsafe or a LoopToken");
+        if (detail::current_loop == this) return;
+        // relaxed: the id only tells this thread whether it is the owner; it is written by
+        // the constructor and by run() on the owner's own thread (a thread racing run()
+        // starting on another thread is a misuse either way).
+        if (detail::current_loop == nullptr &&
+            owner_.load(std::memory_order_relaxed) == std::this_thread::get_id()) {
+            if (finished_) {  // written by this same (owner) thread
+                throw RunFinishedError(std::string("anyio::EventLoop::") + what +
+                                       ": this loop's run() has finished; a loop runs once, "
+                                       "create a new one");
+            }
+            return;
         }
+        throw std::logic_error(std::string("anyio::EventLoop::") + what +
+                               " must be called on the loop's own thread; from other "
+                               "threads use call_soon_threadsafe or a LoopToken");
     }
 
 private:
@@ -266,9 +308,11 @@ private:
     void park(time_point now);
     void shutdown() noexcept;
     void close_without_running() noexcept;
-    void report_callback_error(std::exception_ptr error) noexcept {
-        if (!callback_error_) callback_error_ = std::move(error);
-    }
+    void fail_remote_posts() noexcept;
+    void drop_ready_queue() noexcept;
+    void destroy_live_tasks() noexcept;
+    void free_unfired_timers() noexcept;
+    void report_callback_error(std::exception_ptr error) noexcept;
     void run_node(detail::Runnable* node) noexcept {
         try {
             node->invoke_(node, true);
@@ -284,11 +328,10 @@ private:
     detail::TimerHeap timers_;
     detail::IntrusiveList<detail::TaskState, detail::LiveTasksTag> live_tasks_;
     std::vector<ServiceEntry> services_;
-    detail::TaskState* current_task_ = nullptr;
     std::int64_t remote_in_flight_ = 0;
     detail::SpinPolicy spin_;
-    std::exception_ptr callback_error_;
-    bool running_ = false;
+    std::atomic<std::thread::id> owner_;  // the thread that may use the loop before it runs
+    bool running_ = false;                // loop thread only (as finished_)
     bool finished_ = false;
 };
 
@@ -297,10 +340,9 @@ namespace detail {
 inline void run_task(Runnable* self, bool run) {
     if (!run) return;  // the loop is shutting down; the frame is destroyed separately
     auto* task = static_cast<TaskState*>(self);
-    EventLoop* loop = task->loop_;
-    loop->current_task_ = task;
+    running_task = task;  // the loop runs one task at a time: nothing runs around this
     resume_chain(task->resume_point_);  // may end the task and free `task`
-    loop->current_task_ = nullptr;
+    running_task = nullptr;
 }
 
 inline std::timespec to_timespec(std::chrono::steady_clock::duration d) noexcept {
@@ -340,12 +382,28 @@ T EventLoop::run(Task<T> main) {
         detail::Result<T> result;
         bool done = false;
     } state;
+    // relaxed: see require_loop_thread; this thread becomes the owner (it may differ from the
+    // thread that created the loop).
+    owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
     detail::current_loop = this;
     running_ = true;
     // Timer wake-ups on time: Linux adds up to 50 us of "timer slack" to every sleep of a
     // normal thread; the loop asks for 1 ns while it runs and restores the setting after.
     const int previous_slack = ::prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
     ::prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+    // Whatever leaves this function (spawn failing with bad_alloc included) leaves the loop
+    // closed, this thread without a running loop and its timer slack restored, so ~EventLoop
+    // never sees a loop that still looks running.
+    struct Leave {
+        EventLoop* loop;
+        int previous_slack;
+        ~Leave() {
+            if (!loop->finished_) loop->close_without_running();
+            if (previous_slack > 0) {
+                ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_slack), 0, 0, 0);
+            }
+        }
+    } leave{this, previous_slack};
     spawn(detail::deliver_result<T>(std::move(main), &state.result),
           [](void* owner, detail::TaskState& task) {
               auto* main_state = static_cast<MainState*>(owner);
@@ -355,8 +413,6 @@ T EventLoop::run(Task<T> main) {
           &state);
     run_until([&] { return state.done; });
     shutdown();
-    if (previous_slack > 0) ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_slack), 0, 0, 0);
-    if (callback_error_ && !state.result.has_exception()) std::rethrow_exception(callback_error_);
     return state.result.take();
 }
 
@@ -384,8 +440,10 @@ inline void EventLoop::run_once() {
 }
 
 inline void EventLoop::fire_due_timers(time_point now) {
-    while (detail::TimerNode* timer = timers_.top()) {
-        if (timer->when_ > now) break;
+    // Only the timers due when the pass began: one that re-arms itself in the past (a deadline
+    // computed with an overflow, say) fires once per loop turn, and tasks still run between.
+    timers_.begin_pass(now);
+    while (detail::TimerNode* timer = timers_.pass_due()) {
         timers_.remove(timer);
         try {
             timer->fire_(timer, true);
@@ -430,8 +488,27 @@ inline void EventLoop::park(time_point now) {
     }
 }
 
+inline void EventLoop::report_callback_error(std::exception_ptr error) noexcept {
+    try {
+        if (options_.on_callback_error) {
+            options_.on_callback_error(std::move(error));
+            return;
+        }
+        try {
+            std::rethrow_exception(std::move(error));
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "anyio: exception in a loop callback (ignored): %s\n", e.what());
+        } catch (...) {
+            std::fprintf(stderr,
+                         "anyio: exception in a loop callback (ignored): not a std::exception\n");
+        }
+    } catch (...) {
+        // The handler itself threw: nothing sensible is left to do with it.
+    }
+}
+
 inline void EventLoop::shutdown() noexcept {
-    // 1. Services (the worker pool) stop while completions can still be processed.
+    // Services (the worker pool) stop while completions can still be processed.
     for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
         try {
             it->service->shutdown(*this);
@@ -442,38 +519,65 @@ inline void EventLoop::shutdown() noexcept {
     close_without_running();
 }
 
+/// Closes the loop without running anything more: the last step of run(), and all of
+/// ~EventLoop for a loop that never ran.
+///
+/// Why nothing is touched after it is freed:
+/// 1. The inbox is closed first, so no other thread can add work from now on (they get
+///    RunFinishedError), and what it still holds is disposed of unrun.
+/// 2. The ready queue is dropped before any frame goes away, and again after each task's
+///    frames are destroyed: a queued node may point into a frame, and a destructor in a frame
+///    may wake an older task (an Event set, a limiter token handed on).
+/// 3. Frames go newest task first: a child task is always newer than the task hosting its
+///    group or scope, so no frame is destroyed while a newer one still points into it.
+/// 4. Services (the pool, the default limiter) go after the frames that may be linked into
+///    them, and timers nobody owns any more (call_at nodes) go last, unfired.
+/// Runs with this loop as the thread's current loop, as a running loop would, so the
+/// destructors it triggers may use the loop's thread-checked operations.
 inline void EventLoop::close_without_running() noexcept {
-    // 2. Close the inbox: later posts fail with RunFinishedError; fail what is left in it.
+    EventLoop* const previous_loop = detail::current_loop;
+    detail::current_loop = this;
+    fail_remote_posts();
+    drop_ready_queue();
+    destroy_live_tasks();
+    while (!services_.empty()) services_.pop_back();
+    free_unfired_timers();
+    drop_ready_queue();  // in case disposing of the above queued more
+    running_ = false;
+    finished_ = true;
+    detail::current_loop = previous_loop == this ? nullptr : previous_loop;
+}
+
+/// Closes the inbox (later posts throw RunFinishedError) and disposes of what it still holds.
+inline void EventLoop::fail_remote_posts() noexcept {
     auto chain = shared_->close();
     for (detail::Runnable* node = chain.first; node != nullptr;) {
-        detail::Runnable* next = node->next_;
+        detail::Runnable* next = node->next_;  // read first: disposing may free the node
         node->invoke_(node, false);
         node = next;
     }
-    // 3. Drop what is still scheduled (before the frames it may point into go away).
+}
+
+/// Disposes of every queued node unrun (tasks are not resumed; callbacks are freed).
+inline void EventLoop::drop_ready_queue() noexcept {
     while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
-    // 4. Destroy the frames of tasks still alive, newest first: a child task is always newer
-    //    than the task hosting its group or scope, so nothing points into a freed frame.
+}
+
+/// Destroys the frames of every task still alive, newest task first, dropping what each
+/// destruction schedules before the next (older) task's frames go.
+inline void EventLoop::destroy_live_tasks() noexcept {
     while (detail::TaskState* task = live_tasks_.pop_back()) {
-        auto* root = static_cast<detail::RootPromise*>(task);
-        detail::destroy_frame_chain(
-            std::coroutine_handle<detail::RootPromise>::from_promise(*root), root);
-        // A destructor in that frame may have woken an older task (a limiter guard handing
-        // its token on, an Event set): drop it now, before that older frame is destroyed.
-        while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
+        detail::destroy_task_frames(static_cast<detail::RootTask&>(*task));
+        drop_ready_queue();
     }
-    // 5. Services go last (tasks may have been linked into them, e.g. a limiter's queue).
-    while (!services_.empty()) services_.pop_back();
-    // 6. Timers nobody owns any more (call_at nodes) are freed unfired.
+}
+
+/// Frees the timers still queued (call_at nodes own themselves) without firing them.
+inline void EventLoop::free_unfired_timers() noexcept {
     while (detail::TimerNode* timer = timers_.top()) {
         timers_.remove(timer);
         timer->fire_(timer, false);
     }
-    // Dropped again in case disposing queued nodes scheduled more.
-    while (detail::Runnable* node = ready_.pop()) node->invoke_(node, false);
-    running_ = false;
-    finished_ = true;
-    if (detail::current_loop == this) detail::current_loop = nullptr;
 }
 
 /// Runs `main` on a new event loop on this thread and returns its value or rethrows its
@@ -499,6 +603,96 @@ auto run(F&& fn, Args&&... args) {
 namespace lowlevel {
 /// A token for the loop running on this thread (throws NoEventLoopError if none).
 inline LoopToken current_token() { return detail::running_loop("lowlevel::current_token").token(); }
+
+/// A handle to a task of a loop, for writing custom awaitables (trio's
+/// lowlevel.current_task / reschedule). In await_suspend, take `current_task()`; when the
+/// operation completes, `reschedule()` the task (on the loop thread) or
+/// `reschedule_threadsafe()` it (from any thread) instead of resuming the handle yourself:
+///
+///     void await_suspend(std::coroutine_handle<>) {
+///         start_operation([task = anyio::lowlevel::current_task()] {  // any thread
+///             task.reschedule_threadsafe();
+///         });
+///     }
+///
+/// The task then resumes on the next loop turn through the loop, like any task woken by a
+/// loop primitive. A task suspended in a custom awaitable cannot be woken by cancellation (the
+/// library cannot abort a foreign operation); a cancellation that arrives meanwhile takes
+/// effect at its next cancellation point. Resuming the handle directly (from a call_soon or
+/// call_soon_threadsafe callback, on the loop thread) works too.
+///
+/// Copyable; comparable (equal handles name the same task). Reschedule a task once per
+/// suspension, while it is still suspended there; a handle must not be used after its task
+/// has ended.
+class TaskHandle {
+public:
+    TaskHandle() noexcept = default;
+
+    /// Resumes the task, which must be suspended in a custom awaitable, on the next loop turn.
+    /// Loop thread only (std::logic_error otherwise); std::logic_error if the task is not
+    /// suspended in a custom awaitable (not yet, or it was already rescheduled or resumed).
+    void reschedule() const {
+        if (task_ == nullptr) {
+            throw std::logic_error("anyio::lowlevel::TaskHandle::reschedule: the handle is empty; "
+                                   "get one with anyio::lowlevel::current_task()");
+        }
+        if (detail::current_loop != loop_) {
+            detail::throw_wrong_thread("lowlevel::TaskHandle::reschedule");
+        }
+        if (task_->wait_ != &detail::foreign_wait) {
+            throw std::logic_error(
+                "anyio::lowlevel::TaskHandle::reschedule: the task is not suspended in a custom "
+                "awaitable (it was already rescheduled or resumed, or it has not suspended "
+                "yet); reschedule a task exactly once per suspension");
+        }
+        loop_->schedule_task(*task_, task_->resume_point_);
+    }
+
+    /// The same from any thread: the task resumes on the loop thread soon (allocates one
+    /// node). Throws RunFinishedError once the loop has finished; a misuse that reschedule()
+    /// would reject is reported on the loop through Options::on_callback_error.
+    void reschedule_threadsafe() const {
+        if (task_ == nullptr) {
+            throw std::logic_error(
+                "anyio::lowlevel::TaskHandle::reschedule_threadsafe: the handle is empty; get "
+                "one with anyio::lowlevel::current_task()");
+        }
+        token_.call_soon_threadsafe([task = task_, loop = loop_] {
+            TaskHandle handle;
+            handle.task_ = task;
+            handle.loop_ = loop;
+            handle.reschedule();
+        });
+    }
+
+    [[nodiscard]] explicit operator bool() const noexcept { return task_ != nullptr; }
+    friend bool operator==(const TaskHandle& a, const TaskHandle& b) noexcept {
+        return a.task_ == b.task_;
+    }
+
+private:
+    friend TaskHandle current_task();
+    detail::TaskState* task_ = nullptr;
+    EventLoop* loop_ = nullptr;
+    LoopToken token_;
+};
+
+/// The task running on this thread's loop. Throws NoEventLoopError with no running loop and
+/// std::logic_error outside a task (in a plain callback).
+inline TaskHandle current_task() {
+    EventLoop& loop = detail::running_loop("lowlevel::current_task");
+    detail::TaskState* task = loop.current_task();
+    if (task == nullptr) {
+        throw std::logic_error(
+            "anyio::lowlevel::current_task must be called from a task run by the loop (inside "
+            "a coroutine's await_suspend, for instance), not from a plain callback");
+    }
+    TaskHandle handle;
+    handle.task_ = task;
+    handle.loop_ = &loop;
+    handle.token_ = loop.token();
+    return handle;
+}
 }  // namespace lowlevel
 
 }  // namespace anyio

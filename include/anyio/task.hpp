@@ -7,9 +7,11 @@
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
+#include "detail/foreign_await.hpp"
 #include "detail/result.hpp"
+#include "detail/root_task.hpp"
+#include "detail/task_state.hpp"
 
 namespace anyio {
 
@@ -18,74 +20,38 @@ class Task;
 
 namespace detail {
 
-// Resumption trampoline.
-//
-// Awaiting a Task is a symmetric transfer: the awaiting coroutine suspends and the awaited
-// one runs, and back again when it finishes. Returning the next handle from await_suspend
-// would make that a tail call only where the compiler guarantees one (not g++ below -O2, not
-// under some sanitizers), and a long chain of tasks that complete synchronously would then
-// grow the stack without bound. So the transfer goes through this trampoline instead:
-// await_suspend records the next handle and returns, the suspended coroutine's resume()
-// returns here, and the loop below resumes the recorded handle. The stack stays flat in
-// every build mode, for 1,000,000 sequential awaits as for 100,000 nested ones.
-// Constant-initialised and trivially destructible, so access is a plain TLS load.
-inline thread_local void* next_coroutine_address = nullptr;
-
-/// Makes `next` the coroutine the current trampoline resumes once the running one suspends.
-inline void transfer_to(std::coroutine_handle<> next) noexcept {
-    next_coroutine_address = next.address();
-}
-
-/// Resumes `handle` and every coroutine it transfers to, until one suspends without naming
-/// a successor. Only the loop (and the library's own drivers) call this.
-inline void resume_chain(std::coroutine_handle<> handle) {
-    void* address = handle.address();
-    do {
-        next_coroutine_address = nullptr;
-        std::coroutine_handle<>::from_address(address).resume();
-        address = next_coroutine_address;
-    } while (address != nullptr);
-}
-
-/// Links a suspended coroutine to the Task frame it is awaiting, so that loop shutdown can
-/// destroy a suspended chain innermost first, iteratively (destroying the outer frame first
-/// would recurse through every ~Task and overflow the stack for deep chains).
-struct FrameLink {
-    FrameLink* awaited_ = nullptr;            // the promise of the frame awaited now
-    std::coroutine_handle<> awaited_frame_;   // ... and that frame
-    void* owner_slot_ = nullptr;              // where the awaiting Task keeps our handle
-    void (*clear_owner_)(void* slot) noexcept = nullptr;
+/// What a Task<T> frame holds for its awaiter: a Result, or for Task<void> just the exception
+/// (a void task's awaiter only needs to know whether it threw).
+template <class T>
+struct TaskResult : Result<T> {};
+template <>
+struct TaskResult<void> {
+    void set_value() noexcept {}
+    void set_exception(std::exception_ptr error) noexcept { error_ = std::move(error); }
+    void take() {
+        if (error_) std::rethrow_exception(error_);
+    }
+    [[nodiscard]] std::exception_ptr error() const noexcept { return error_; }
+    std::exception_ptr error_;
 };
-
-/// Destroys `frame` (whose promise is `link`) and every frame it is suspended on, innermost
-/// first, without recursion.
-inline void destroy_frame_chain(std::coroutine_handle<> frame, FrameLink* link) {
-    std::vector<FrameLink*> chain;
-    for (FrameLink* node = link; node->awaited_ != nullptr; node = node->awaited_) {
-        chain.push_back(node);
-    }
-    for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
-        FrameLink* parent = *it;
-        FrameLink* child = parent->awaited_;
-        std::coroutine_handle<> child_frame = parent->awaited_frame_;
-        child->clear_owner_(child->owner_slot_);  // the parent's Task must not destroy it again
-        parent->awaited_ = nullptr;
-        child_frame.destroy();
-    }
-    frame.destroy();
-}
 
 template <class T>
 class TaskPromiseBase : public FrameLink {
 public:
     std::suspend_always initial_suspend() noexcept { return {}; }
 
+    /// Goes on to whoever awaits this frame: the awaiting frame (a transfer), or, for a task's
+    /// body, the root, which finishes the task and frees this frame.
     struct FinalAwaiter {
         bool await_ready() noexcept { return false; }
         template <class Promise>
-        void await_suspend(std::coroutine_handle<Promise> self) noexcept {
-            auto continuation = self.promise().continuation_;
-            if (continuation) transfer_to(continuation);
+        std::coroutine_handle<> await_suspend(std::coroutine_handle<Promise> self) noexcept {
+            Promise& promise = self.promise();
+            Continuation* continuation = promise.awaited_by_;
+            if (continuation == nullptr) return std::noop_coroutine();  // released, run by hand
+            if (continuation->resume_) return transfer_to(continuation->resume_);
+            finish_root(*continuation, promise.result_.error());  // destroys this frame
+            return std::noop_coroutine();
         }
         void await_resume() noexcept {}
     };
@@ -93,8 +59,22 @@ public:
 
     void unhandled_exception() noexcept { result_.set_exception(std::current_exception()); }
 
-    std::coroutine_handle<> continuation_;
-    Result<T> result_;
+    // Every co_await in a Task coroutine comes here first (see detail/foreign_await.hpp).
+    template <class U>
+    auto await_transform(Task<U>&& task) noexcept {
+        return std::move(task).operator co_await();
+    }
+    // Awaiting consumes the task: write co_await std::move(task).
+    template <class U>
+    void await_transform(Task<U>& task) = delete;
+    template <class U>
+    void await_transform(const Task<U>& task) = delete;
+    template <class Awaitable>
+    auto await_transform(Awaitable&& awaitable) {
+        return await_from_task(std::forward<Awaitable>(awaitable));
+    }
+
+    TaskResult<T> result_;
 };
 
 template <class T>
@@ -113,18 +93,27 @@ template <>
 class TaskPromise<void> final : public TaskPromiseBase<void> {
 public:
     Task<void> get_return_object() noexcept;
-    void return_void() noexcept { this->result_.set_value(); }
+    void return_void() noexcept {}
 };
 
 }  // namespace detail
 
 /// A lazily started coroutine producing a `T` (a value, a reference, a move-only type or
-/// nothing). Nothing runs until the task is awaited; `co_await task` runs it inside the
-/// awaiting task (same cancel scopes) and yields its value or rethrows its exception.
+/// nothing). Nothing runs until the task is awaited; `co_await std::move(task)` (or
+/// `co_await make_task()`) runs it inside the awaiting task (same cancel scopes) and yields
+/// its value or rethrows its exception.
 ///
-/// Move-only; awaiting it consumes it (a second await throws std::logic_error). Destroying
-/// a task that was never awaited destroys its frame without running it. Allocates its
-/// coroutine frame once. Loop-thread only, like every coroutine of a loop.
+/// Move-only. Awaiting consumes the task: the frame moves into the awaiting frame, the Task
+/// is left empty (valid() false), and awaiting it again, from this task or another, throws
+/// std::logic_error; an lvalue Task cannot be awaited at all (it does not compile). So
+/// destroying or reassigning a Task object never touches a frame being awaited. Destroying a
+/// task that was never awaited destroys its frame without running it. Allocates its coroutine
+/// frame once. Loop-thread only, like every coroutine of a loop.
+///
+/// A Task coroutine may co_await any C++20 awaitable; one that is not the loop's (say, one
+/// that resumes the coroutine from a call_soon callback or a library's completion) is
+/// resumed as the loop would resume it, so every primitive keeps working after it (see
+/// lowlevel::current_task()).
 template <class T>
 class [[nodiscard]] Task {
 public:
@@ -150,48 +139,60 @@ public:
     /// True until the task has been awaited or moved from.
     [[nodiscard]] bool valid() const noexcept { return static_cast<bool>(handle_); }
 
-    class Awaiter {
+    /// Awaits the task's frame, which it owns from `co_await` on: it runs the frame (a
+    /// transfer, see detail/task_state.hpp), yields its result, and destroys it afterwards.
+    class Awaiter : detail::TaskAwaitLink {
     public:
-        explicit Awaiter(std::coroutine_handle<promise_type> handle) noexcept : handle_(handle) {}
-        bool await_ready() const noexcept { return false; }
-        template <class AwaitingPromise>
-        void await_suspend(std::coroutine_handle<AwaitingPromise> awaiting) {
-            if (!handle_ || handle_.done()) {
+        explicit Awaiter(std::coroutine_handle<promise_type> frame) noexcept { awaited_ = frame; }
+        Awaiter(const Awaiter&) = delete;
+        Awaiter& operator=(const Awaiter&) = delete;
+        ~Awaiter() {
+            if (!awaited_) return;
+            if (resume_ && !awaited_.done() && detail::destroying_suspended_frames == 0) {
+                // The awaiting frame is being destroyed while the task it awaits still runs
+                // (is suspended somewhere below): that task would resume into freed memory.
+                detail::fatal_error(
+                    "anyio::Task: a coroutine frame was destroyed while the Task it awaits was "
+                    "still running; a frame awaiting a Task must stay alive until the await "
+                    "completes (destroy it only once the task has finished)");
+            }
+            awaited_.destroy();
+        }
+
+        bool await_ready() const {
+            if (!awaited_) {
                 throw std::logic_error(
-                    "anyio::Task: co_await on an empty or already awaited task; a Task can be "
-                    "awaited once (create a new one to run the coroutine again)");
+                    "anyio::Task: co_await on an empty or already awaited task; awaiting "
+                    "consumes a Task, so it can be awaited once, by one task (create a new "
+                    "one to run the coroutine again)");
             }
-            promise_type& child = handle_.promise();
-            child.continuation_ = awaiting;
+            return false;
+        }
+        template <class AwaitingPromise>
+        std::coroutine_handle<> await_suspend(std::coroutine_handle<AwaitingPromise> awaiting) noexcept {
+            promise_type& awaited = frame().promise();
+            awaited.awaited_by_ = this;
+            resume_ = awaiting;
+            awaited_link_ = &awaited;
             if constexpr (std::is_base_of_v<detail::FrameLink, AwaitingPromise>) {
-                awaiting_ = &awaiting.promise();
-                awaiting_->awaited_ = &child;
-                awaiting_->awaited_frame_ = handle_;
-                child.owner_slot_ = owner_;
-                child.clear_owner_ = &clear_owner;
+                parent_ = &awaiting.promise();
+                parent_->awaiting_ = this;
             }
-            detail::transfer_to(handle_);
+            return detail::transfer_to(awaited_);
         }
         T await_resume() {
-            if (awaiting_ != nullptr) awaiting_->awaited_ = nullptr;
-            return handle_.promise().result_.take();
+            if (parent_ != nullptr) parent_->awaiting_ = nullptr;
+            return frame().promise().result_.take();
         }
 
     private:
-        friend class Task;
-        Awaiter(std::coroutine_handle<promise_type> handle,
-                std::coroutine_handle<promise_type>* owner) noexcept
-            : handle_(handle), owner_(owner) {}
-        static void clear_owner(void* slot) noexcept {
-            *static_cast<std::coroutine_handle<promise_type>*>(slot) = nullptr;
+        std::coroutine_handle<promise_type> frame() const noexcept {
+            return std::coroutine_handle<promise_type>::from_address(awaited_.address());
         }
-        std::coroutine_handle<promise_type> handle_;
-        std::coroutine_handle<promise_type>* owner_ = nullptr;
-        detail::FrameLink* awaiting_ = nullptr;
     };
 
-    Awaiter operator co_await() && noexcept { return Awaiter{handle_, &handle_}; }
-    Awaiter operator co_await() & noexcept { return Awaiter{handle_, &handle_}; }
+    /// Awaiting consumes the task: the awaiter takes the frame, this Task is left empty.
+    Awaiter operator co_await() && noexcept { return Awaiter{std::exchange(handle_, nullptr)}; }
 
     /// The underlying handle, released: the caller now owns the frame (for the library's own
     /// task runner).

@@ -1,6 +1,7 @@
 // anyio-cpp: TaskGroup and task_group(), structured concurrency.
 #pragma once
 
+#include <algorithm>
 #include <concepts>
 #include <coroutine>
 #include <cstddef>
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "cancel_scope.hpp"
+#include "detail/loop_thread.hpp"
 #include "errors.hpp"
 #include "event_loop.hpp"
 #include "task.hpp"
@@ -33,16 +35,22 @@ Task<void> task_group(F body);
 /// A child that fails cancels its siblings and the body; the group then rethrows that error
 /// (several: ExceptionGroup). Cancelled children do not count as errors.
 ///
-/// Loop-thread only. Each child costs its own coroutine frames (one for the task's root,
-/// which also holds the loop's bookkeeping). Only task_group() creates a TaskGroup.
+/// Loop-thread only: start_soon (and cancel_scope().cancel()) throw std::logic_error on
+/// another thread. Each child costs its own coroutine frames plus one block for the loop's
+/// bookkeeping, and start_soon keeps room for one error per live child (so a failing child
+/// never allocates at its end). At loop shutdown, children still running are destroyed
+/// (newest first) without resuming. Only task_group() creates a TaskGroup.
 class TaskGroup {
 public:
     TaskGroup(const TaskGroup&) = delete;
     TaskGroup& operator=(const TaskGroup&) = delete;
 
-    /// Starts `task` as a child (it first runs on the next loop turn).
+    /// Starts `task` as a child (it first runs on the next loop turn). Loop thread only
+    /// (std::logic_error otherwise, as once the group has finished).
     void start_soon(Task<void> task) {
+        if (detail::current_loop != loop_) detail::throw_wrong_thread("TaskGroup::start_soon");
         require_active();
+        reserve_error_slot();
         detail::TaskState& child = loop_->spawn(std::move(task), &on_child_done, this);
         scope_.adopt(child);
         ++live_children_;
@@ -81,11 +89,19 @@ private:
         }
     }
 
-    static void on_child_done(void* owner, detail::TaskState& child) {
+    /// Makes room for one more error than can still come (one per live child, one for the
+    /// body, and the child about to start), so on_child_done, which runs where nothing may
+    /// throw (a task's final suspend), never allocates. Grows geometrically: O(1) amortised.
+    void reserve_error_slot() {
+        const std::size_t needed = errors_.size() + live_children_ + 2;
+        if (errors_.capacity() < needed) errors_.reserve(std::max(needed, 2 * errors_.capacity()));
+    }
+
+    static void on_child_done(void* owner, detail::TaskState& child) noexcept {
         auto* group = static_cast<TaskGroup*>(owner);
         --group->live_children_;
         if (child.outcome_ == detail::TaskState::Outcome::failed) {
-            group->errors_.push_back(child.error_);
+            group->errors_.push_back(child.error_);  // capacity reserved by start_soon
             group->scope_.cancel();
         } else if (child.outcome_ == detail::TaskState::Outcome::cancelled) {
             group->child_cancelled_ = true;
@@ -99,6 +115,7 @@ private:
     /// Waits for the children. Not itself cancellable: cancellation of the host reaches the
     /// children through the scope tree, and the host waits for them to finish unwinding.
     struct JoinAwaiter {
+        using anyio_loop_awaitable = void;  // resumes the host only through the loop
         TaskGroup* group;
         bool await_ready() const noexcept { return group->live_children_ == 0; }
         void await_suspend(std::coroutine_handle<> handle) noexcept {
@@ -139,22 +156,24 @@ Task<void> task_group(F body) {
     detail::TaskState& host = CancelScope::current_task("task_group");
     TaskGroup group(*host.loop_);
     group.host_ = &host;
-    group.scope_.enter(host);
-    group.active_ = true;
+    group.errors_.reserve(1);  // the body's error, if it fails (as start_soon does per child)
     bool body_cancelled = false;
-    try {
-        co_await std::invoke(body, group);
-    } catch (const Cancelled&) {
-        body_cancelled = true;
-    } catch (...) {
-        group.errors_.push_back(std::current_exception());
-        group.scope_.cancel();
-    }
-    // A child may start another one after the last child ended but before we resume
-    // (anyio keeps waiting then): wait until no child is left, then close the group.
-    while (group.live_children_ > 0) co_await TaskGroup::JoinAwaiter{&group};
-    group.active_ = false;
-    group.scope_.exit(host);
+    {
+        CancelScope::Entry entry(group.scope_, host);  // the body runs in the group's scope
+        group.active_ = true;
+        try {
+            co_await std::invoke(body, group);
+        } catch (const Cancelled&) {
+            body_cancelled = true;
+        } catch (...) {
+            group.errors_.push_back(std::current_exception());
+            group.scope_.cancel();
+        }
+        // A child may start another one after the last child ended but before we resume
+        // (anyio keeps waiting then): wait until no child is left, then close the group.
+        while (group.live_children_ > 0) co_await TaskGroup::JoinAwaiter{&group};
+        group.active_ = false;
+    }  // the host leaves the group's scope
     if (!group.errors_.empty()) group.rethrow_errors();
     // A cancellation that came from outside the group goes on to the scope that caused it.
     if ((body_cancelled || group.child_cancelled_) && !group.scope_.cancel_called()) {

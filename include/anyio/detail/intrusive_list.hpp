@@ -47,6 +47,12 @@ public:
     [[nodiscard]] T* front() noexcept { return empty() ? nullptr : element(head_.next); }
     [[nodiscard]] T* back() noexcept { return empty() ? nullptr : element(head_.prev); }
 
+    /// The element after `item` (which must be in this list), or nullptr at the end.
+    [[nodiscard]] T* next(T& item) noexcept {
+        Hook* node = hook(item)->next;
+        return node == &head_ ? nullptr : element(node);
+    }
+
     T* pop_front() noexcept {
         T* item = front();
         if (item != nullptr) hook(*item)->unlink();

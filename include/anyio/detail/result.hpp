@@ -47,6 +47,10 @@ public:
     }
 
     [[nodiscard]] bool ready() const noexcept { return storage_.index() != 0; }
+    /// The stored exception, or nullptr.
+    [[nodiscard]] std::exception_ptr error() const noexcept {
+        return storage_.index() == 2 ? std::get<2>(storage_) : nullptr;
+    }
     [[nodiscard]] bool has_exception() const noexcept { return storage_.index() == 2; }
 
     /// Returns the value (moved out) or rethrows the exception.

@@ -1,5 +1,5 @@
-// The root coroutine of every task the loop runs (the main task, task group children,
-// from_thread and portal tasks).
+// The root of every task the loop runs (the main task, task group children, from_thread and
+// portal tasks): the task's bookkeeping and the owner of its body frame, in one allocation.
 #pragma once
 
 #include <coroutine>
@@ -7,67 +7,74 @@
 #include <utility>
 
 #include "../errors.hpp"
-#include "../task.hpp"
-#include "intrusive_list.hpp"
 #include "task_state.hpp"
 
 namespace anyio::detail {
 
-// The root coroutine of every task: it owns the TaskState (in its promise, so a task costs no
-// allocation beyond its frames), runs the body, records how it ended, tells its owner and
-// frees itself.
-struct RootPromise;
-struct RootCoroutine {
-    using promise_type = RootPromise;
-    std::coroutine_handle<RootPromise> handle;
+/// A task: its TaskState, and the Continuation of its body (the Task coroutine it runs), whose
+/// frame it owns. Not itself a coroutine, so a task costs its body's frames plus this block.
+/// Allocated by EventLoop::spawn; freed by finish_root when the body ends, or by
+/// destroy_task_frames at loop shutdown.
+struct RootTask final : TaskState, Continuation {
+    /// Takes over `body`, a Task frame not started yet (its promise is a FrameLink).
+    template <class Promise>
+    explicit RootTask(std::coroutine_handle<Promise> body) noexcept {
+        FrameLink& link = body.promise();
+        awaited_ = body;
+        awaited_link_ = &link;
+        link.awaited_by_ = this;  // resume_ stays empty: the body's end finishes the task
+        resume_point_ = body;
+    }
 };
 
-struct RootPromise : TaskState, FrameLink {
-    RootCoroutine get_return_object() noexcept {
-        return {std::coroutine_handle<RootPromise>::from_promise(*this)};
-    }
-    std::suspend_always initial_suspend() noexcept { return {}; }
-    struct FinalAwaiter {
-        bool await_ready() noexcept { return false; }
-        void await_suspend(std::coroutine_handle<RootPromise> self) noexcept {
-            RootPromise& task = self.promise();
-            if (task.ListHook<ScopeTasksTag>::linked()) task.ListHook<ScopeTasksTag>::unlink();
-            if (task.ListHook<LiveTasksTag>::linked()) task.ListHook<LiveTasksTag>::unlink();
-            if (task.on_done_ != nullptr) task.on_done_(task.owner_, task);
-            self.destroy();
+/// Called by the body's final suspend (`root` is its Continuation): records how the task
+/// ended, tells the owner, and frees the body frame and the root.
+inline void finish_root(Continuation& continuation, std::exception_ptr error) noexcept {
+    auto& root = static_cast<RootTask&>(continuation);
+    if (!error) {
+        root.outcome_ = TaskState::Outcome::completed;
+    } else {
+        try {
+            std::rethrow_exception(error);
+        } catch (const Cancelled&) {
+            root.outcome_ = TaskState::Outcome::cancelled;
+        } catch (...) {
+            root.outcome_ = TaskState::Outcome::failed;
         }
-        void await_resume() noexcept {}
-    };
-    FinalAwaiter final_suspend() noexcept { return {}; }
-    void return_void() noexcept {}
-    void unhandled_exception() noexcept {
-        outcome_ = Outcome::failed;
-        error_ = std::current_exception();
+        root.error_ = std::move(error);
     }
-};
+    if (root.ListHook<ScopeTasksTag>::linked()) root.ListHook<ScopeTasksTag>::unlink();
+    if (root.ListHook<LiveTasksTag>::linked()) root.ListHook<LiveTasksTag>::unlink();
+    if (root.on_done_ != nullptr) root.on_done_(root.owner_, root);
+    std::exchange(root.awaited_, {}).destroy();  // suspended at its final point: may go now
+    delete &root;
+}
 
-struct PromiseAccess {
-    RootPromise* promise = nullptr;
-    bool await_ready() noexcept { return false; }
-    bool await_suspend(std::coroutine_handle<RootPromise> self) noexcept {
-        promise = &self.promise();
-        return false;  // never actually suspends
+/// Destroys a task that is still suspended (loop shutdown): its frames innermost first, then
+/// the root. Iterative, and allocates nothing, for chains of any depth (destroying the body
+/// first would recurse through every Task awaiter's destructor).
+inline void destroy_task_frames(RootTask& root) noexcept {
+    ++destroying_suspended_frames;
+    if (root.awaited_) {
+        // Down to the innermost frame, through the Task awaiters the frames are suspended in.
+        FrameLink* link = root.awaited_link_;
+        while (Continuation* awaiter = link->awaiting_) link = awaiter->awaited_link_;
+        // Back up, destroying each frame through the Continuation that owns it. The owner's
+        // awaited_ is cleared first, so the awaiter (destroyed with the next frame up) does not
+        // destroy it again.
+        for (;;) {
+            Continuation* owner = link->awaited_by_;
+            std::coroutine_handle<> frame = std::exchange(owner->awaited_, {});
+            if (!owner->resume_) {  // the root: `frame` is the body, the last one
+                frame.destroy();
+                break;
+            }
+            link = static_cast<TaskAwaitLink*>(owner)->parent_;
+            frame.destroy();
+        }
     }
-    RootPromise& await_resume() noexcept { return *promise; }
-};
-
-inline RootCoroutine root_coroutine(Task<void> body) {
-    RootPromise& self = co_await PromiseAccess{};
-    try {
-        co_await std::move(body);
-        self.outcome_ = TaskState::Outcome::completed;
-    } catch (const Cancelled&) {
-        self.outcome_ = TaskState::Outcome::cancelled;
-        self.error_ = std::current_exception();
-    } catch (...) {
-        self.outcome_ = TaskState::Outcome::failed;
-        self.error_ = std::current_exception();
-    }
+    --destroying_suspended_frames;
+    delete &root;
 }
 
 }  // namespace anyio::detail

@@ -49,11 +49,14 @@ public:
     [[nodiscard]] std::size_t size() const noexcept { return heap_.size(); }
     [[nodiscard]] TimerNode* top() const noexcept { return heap_.empty() ? nullptr : heap_[0]; }
 
+    /// Queues `node` to fire at `when`. Exception-safe: if the heap cannot grow (bad_alloc),
+    /// the node is left unqueued and the heap unchanged. A `when` before the start of the
+    /// current firing pass counts as that start (see begin_pass).
     void push(TimerNode* node, std::chrono::steady_clock::time_point when) {
-        node->when_ = when;
+        heap_.push_back(node);  // the only step that can throw: nothing is changed before it
+        node->when_ = when < pass_start_ ? pass_start_ : when;
         node->sequence_ = next_sequence_++;
-        node->index_ = heap_.size();
-        heap_.push_back(node);
+        node->index_ = heap_.size() - 1;
         sift_up(node->index_);
     }
 
@@ -68,6 +71,24 @@ public:
         last->index_ = index;
         sift_down(index);
         sift_up(last->index_);
+    }
+
+    /// Starts a firing pass at `now`: pass_due() then accepts only the timers queued before
+    /// this call, and a timer queued during the pass for a time before `now` counts as due at
+    /// `now` (after every timer that was due already). So a timer that re-arms itself in the
+    /// past while it fires waits for the next pass instead of starving the loop, and it cannot
+    /// overtake (and so hold back) the timers that were due when the pass began.
+    void begin_pass(std::chrono::steady_clock::time_point now) noexcept {
+        if (now > pass_start_) pass_start_ = now;
+        pass_limit_ = next_sequence_;
+    }
+    /// The earliest timer if it was due at the start of the pass and queued before it.
+    [[nodiscard]] TimerNode* pass_due() const noexcept {
+        TimerNode* timer = top();
+        if (timer == nullptr || timer->when_ > pass_start_ || timer->sequence_ >= pass_limit_) {
+            return nullptr;
+        }
+        return timer;
     }
 
     /// Frees the vector's spare capacity once the heap has shrunk a lot, so a burst of
@@ -110,6 +131,8 @@ private:
 
     std::vector<TimerNode*> heap_;
     std::uint64_t next_sequence_ = 0;
+    std::uint64_t pass_limit_ = 0;                         // sequence of the first timer not in the pass
+    std::chrono::steady_clock::time_point pass_start_{};  // `now` of the latest pass (never decreases)
 };
 
 }  // namespace anyio::detail
