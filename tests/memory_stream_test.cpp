@@ -120,7 +120,11 @@ struct Counted {
 template <class Awaitable>
 anyio::Task<std::string> outcome(Awaitable&& awaitable) {
     try {
-        co_await awaitable;  // as an lvalue: the awaiters are neither copyable nor movable
+        if constexpr (anyio::detail::is_task_v<std::remove_cvref_t<Awaitable>>) {
+            co_await std::move(awaitable);  // awaiting consumes a Task
+        } else {
+            co_await awaitable;  // as an lvalue: the awaiters are neither copyable nor movable
+        }
         co_return "value";
     } catch (const anyio::WouldBlock&) {
         co_return "WouldBlock";
