@@ -158,8 +158,9 @@ int emfile_child() {
         anyio::run([&]() -> anyio::Task<> {
             anyio::TcpListener listener = co_await anyio::create_tcp_listener({.local_host = "127.0.0.1"});
             int reported_emfile = 0;
-            listener.on_accept_error([&](const std::system_error& error) {
-                if (error.code().value() == EMFILE) ++reported_emfile;
+            listener.on_accept_error([&](std::error_code error) {
+                // Plain value checks: the process has no descriptor for UBSan's vptr checks now.
+                if (error.value() == EMFILE) ++reported_emfile;
             });
             constexpr int clients = 3;
             std::vector<int> client_fds;

@@ -202,7 +202,7 @@ TEST_CASE("on_accept_error replaces the report and accept_errors starts at zero"
     run_loop([]() -> anyio::Task<> {
         anyio::TcpListener listener = co_await anyio::create_tcp_listener({.local_host = "127.0.0.1"});
         CHECK(listener.accept_errors() == 0);
-        listener.on_accept_error([](const std::system_error&) {});
+        listener.on_accept_error([](std::error_code) {});
         CHECK(listener.native_handles().size() == 1);
         listener.close();
         CHECK_THROWS_AS(listener.on_accept_error({}), anyio::ClosedResourceError);

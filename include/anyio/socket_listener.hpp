@@ -38,7 +38,7 @@ namespace detail {
 /// block, so a listener may move while a task is accepting on it. Loop-thread only.
 struct ListenerState {
     std::vector<std::unique_ptr<SocketCore>> sockets;
-    std::function<void(const std::system_error&)> on_accept_error;  // empty: one stderr line
+    std::function<void(std::error_code)> on_accept_error;  // empty: one line on stderr
     std::uint64_t accept_errors = 0;
     std::size_t next = 0;  // the socket tried first by the next accept (round robin)
     std::uint8_t ready_streak = 0;
@@ -86,7 +86,10 @@ class AcceptAwaiter final : public CancellableWait<AcceptAwaiter>, public Handle
 public:
     static constexpr const char* name = "SocketListener::accept";
 
-    explicit AcceptAwaiter(ListenerState* state) noexcept : HandleWaiter(&on_event), state_(state) {}
+    /// With `capacity_error`, a lack of resources is not thrown: its errno is stored there
+    /// and an empty stream returned (serve() backs off without an exception).
+    explicit AcceptAwaiter(ListenerState* state, int* capacity_error = nullptr) noexcept
+        : HandleWaiter(&on_event), state_(state), capacity_error_(capacity_error) {}
     AcceptAwaiter(const AcceptAwaiter&) = delete;
     AcceptAwaiter& operator=(const AcceptAwaiter&) = delete;
     ~AcceptAwaiter() {
@@ -137,6 +140,10 @@ public:
         throw_if_cancelled();
         if (status_ == OpStatus::closed) SocketCore::throw_closed(name);
         if (status_ == OpStatus::failed) {
+            if (capacity_error_ != nullptr && is_accept_capacity_error(error_)) {
+                *capacity_error_ = error_;
+                return SocketStream{};
+            }
             throw std::system_error(error_, std::generic_category(),
                                     "anyio::SocketListener::accept: accept4() failed");
         }
@@ -184,6 +191,7 @@ private:
     }
 
     ListenerState* state_;
+    int* capacity_error_;
     int accepted_fd_ = -1;
     int family_ = AF_UNSPEC;
     int error_ = 0;
@@ -296,8 +304,9 @@ public:
     [[nodiscard]] std::uint64_t accept_errors() const noexcept { return state_ ? state_->accept_errors : 0; }
 
     /// Replaces how serve() reports such an error (default: one line on stderr). Called on the
-    /// loop thread before each back-off; what it throws ends serve().
-    void on_accept_error(std::function<void(const std::system_error&)> handler) {
+    /// loop thread with the errno (generic category) before each back-off; what it throws ends
+    /// serve(). It runs while the process may have no descriptor to spare.
+    void on_accept_error(std::function<void(std::error_code)> handler) {
         if (is_closed()) detail::SocketCore::throw_closed("SocketListener::on_accept_error");
         state_->on_accept_error = std::move(handler);
     }
@@ -313,16 +322,12 @@ private:
     template <class Handler>
     Task<void> serve_loop(Handler& handler, TaskGroup& group) {
         for (;;) {
-            SocketStream client;
-            bool back_off = false;
-            try {
-                client = co_await accept();
-            } catch (const std::system_error& error) {
-                if (!detail::is_accept_capacity_error(error.code().value())) throw;
-                report_accept_error(error);
-                back_off = true;
-            }
-            if (back_off) {
+            int capacity_error = 0;
+            SocketStream client = co_await detail::AcceptAwaiter{state_.get(), &capacity_error};
+            if (capacity_error != 0) {
+                // trio's serve_listeners: out of descriptors or memory is a passing state of
+                // the process, not a broken listener; give the handlers time to close some.
+                report_accept_error(std::error_code(capacity_error, std::generic_category()));
                 co_await sleep(accept_retry_delay);
                 continue;
             }
@@ -330,7 +335,7 @@ private:
         }
     }
 
-    void report_accept_error(const std::system_error& error) {
+    void report_accept_error(std::error_code error) {
         ++state_->accept_errors;
         if (state_->on_accept_error) {
             state_->on_accept_error(error);
@@ -341,8 +346,8 @@ private:
             for (const auto& address : local_addresses()) where += " " + address.to_string();
         } catch (...) {
         }
-        std::fprintf(stderr, "anyio: accept on%s: %s; retrying in %lld ms\n", where.c_str(),
-                     error.what(), static_cast<long long>(accept_retry_delay.count()));
+        std::fprintf(stderr, "anyio: accept on%s failed: %s; retrying in %lld ms\n", where.c_str(),
+                     error.message().c_str(), static_cast<long long>(accept_retry_delay.count()));
     }
 };
 
