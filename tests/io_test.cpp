@@ -2,6 +2,7 @@
 
 #include <anyio/cancel_scope.hpp>
 #include <anyio/event.hpp>
+#include <anyio/socket_stream.hpp>
 #include <anyio/task_group.hpp>
 
 #include <array>
@@ -10,6 +11,7 @@
 #include <system_error>
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "catch.hpp"
@@ -115,5 +117,22 @@ TEST_CASE("a cancelled task does not start waiting for readiness", "[io]") {
         CHECK_FALSE(completed);
         CHECK(scope.cancelled_caught());
         CHECK_FALSE(anyio::EventLoop::current()->poller().has_waiters());
+    });
+}
+
+TEST_CASE("a descriptor a SocketStream owns cannot be waited for with wait_readable", "[io]") {
+    anyio::run([&]() -> anyio::Task<> {
+        int fds[2];
+        REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) == 0);
+        anyio::SocketStream owned = anyio::SocketStream::from_fd(fds[0]);
+        CHECK_THROWS_AS(co_await anyio::wait_readable(owned.native_handle()), std::system_error);
+        CHECK_FALSE(anyio::EventLoop::current()->poller().has_waiters());
+        // The other end, not owned by a stream, still can; and the two kinds of waits share
+        // the loop's epoll.
+        char byte = 'q';
+        co_await owned.send(std::string_view(&byte, 1));
+        co_await anyio::wait_readable(fds[1]);
+        REQUIRE(::read(fds[1], &byte, 1) == 1);
+        ::close(fds[1]);
     });
 }

@@ -10,6 +10,8 @@
 #include "event_loop.hpp"
 #include "from_thread.hpp"
 #include "io.hpp"
+#include "net.hpp"
+#include "signals.hpp"
 #include "task.hpp"
 #include "task_group.hpp"
 #include "to_thread.hpp"

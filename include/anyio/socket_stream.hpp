@@ -1,6 +1,7 @@
 // anyio-cpp: SocketStream, a connected TCP or UNIX stream socket on the loop.
 #pragma once
 
+#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -15,6 +16,7 @@
 
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -83,36 +85,39 @@ public:
         : SocketAwaiter(core), max_bytes_(max_bytes) {}
 
     bool prepare() {
-        // Allocations that may throw happen here, before the first try, never in attempt()
-        // (which may run inside the poller).
-        if (max_bytes_ <= receive_scratch_size) {
-            scratch_ = receive_scratch();
-        } else {
-            data_.resize(max_bytes_);
-        }
+        scratch_ = receive_scratch();  // may allocate (once per thread): here, not in attempt()
         return true;
     }
     OpStatus attempt() noexcept {
-        std::size_t received = 0;
-        void* target = scratch_ != nullptr ? static_cast<void*>(scratch_) : data_.data();
-        OpStatus status = receive_some(core_->fd, target, max_bytes_, received);
-        if (status == OpStatus::failed) return fail(errno);
-        if (status != OpStatus::done) return status;
-        if (scratch_ == nullptr) {
-            data_.resize(received);  // shrinking: never allocates
-            return status;
+        // Up to 64 KiB: read into the scratch space, then copy into a string of the exact
+        // size. More: ask the kernel how much is queued, so that a large max_bytes does not
+        // cost a large zero-filled string per call (nothing queued yet: a scratch-sized read
+        // tells EAGAIN or EOF apart).
+        std::size_t wanted = max_bytes_;
+        if (wanted > receive_scratch_size) {
+            int queued = 0;
+            if (::ioctl(core_->fd, FIONREAD, &queued) != 0 || queued <= 0) queued = 0;
+            wanted = std::min<std::size_t>(wanted, std::max<std::size_t>(static_cast<std::size_t>(queued),
+                                                                         receive_scratch_size));
         }
+        std::size_t received = 0;
         try {
-            data_.assign(reinterpret_cast<const char*>(scratch_), received);
-        } catch (...) {
+            if (wanted <= receive_scratch_size) {
+                OpStatus status = receive_some(core_->fd, scratch_, wanted, received);
+                if (status == OpStatus::failed) return fail(errno);
+                if (status == OpStatus::done) data_.assign(reinterpret_cast<const char*>(scratch_), received);
+                return status;
+            }
+            data_.resize(wanted);
+            OpStatus status = receive_some(core_->fd, data_.data(), wanted, received);
+            if (status == OpStatus::failed) return fail(errno);
+            data_.resize(status == OpStatus::done ? received : 0);  // shrinking never allocates
+            return status;
+        } catch (...) {  // std::bad_alloc from the string: the bytes stay in the socket
             return fail(std::current_exception());
         }
-        return status;
     }
-    std::string take() {
-        if (data_.capacity() > 2 * data_.size() + 4096) data_.shrink_to_fit();
-        return std::move(data_);
-    }
+    std::string take() { return std::move(data_); }
 
 private:
     std::size_t max_bytes_;

@@ -10,6 +10,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -49,6 +50,10 @@ struct ListenerOptions {
     /// Sets SO_REUSEPORT, so several loops or processes can listen on the same port.
     bool reuse_port = false;
 };
+
+// The braced options inside co_await must not have destructors (the g++ 12 bug, DESIGN.md).
+static_assert(std::is_trivially_destructible_v<ConnectOptions>);
+static_assert(std::is_trivially_destructible_v<ListenerOptions>);
 
 class TcpListener;
 
