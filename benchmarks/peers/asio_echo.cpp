@@ -22,11 +22,21 @@
 #include <thread>
 #include <vector>
 
+#include <sys/resource.h>
+
 #include <fmt/core.h>
 
 #include "../bench_common.hpp"
 
 namespace {
+
+/// User + system CPU time of this process so far, in microseconds.
+double process_cpu_us() {
+    rusage usage{};
+    ::getrusage(RUSAGE_SELF, &usage);
+    auto us = [](const timeval& t) { return static_cast<double>(t.tv_sec) * 1e6 + static_cast<double>(t.tv_usec); };
+    return us(usage.ru_utime) + us(usage.ru_stime);
+}
 
 using asio::ip::tcp;
 using bench::Clock;
@@ -62,14 +72,19 @@ asio::awaitable<void> measure(tcp::socket& client, std::string_view workload, st
     co_await round_trips(client, message, bench::kWarmUpRoundTrips, nullptr);
     std::vector<double> latency_us;
     latency_us.reserve(static_cast<std::size_t>(n));
+    const double cpu_start = process_cpu_us();
     auto start = Clock::now();
     co_await round_trips(client, message, n, &latency_us);
     auto wall = Clock::now() - start;
+    const double cpu_us = process_cpu_us() - cpu_start;
     const double seconds = bench::to_s(wall);
     auto line = bench::base_line(kSystem, workload, n, static_cast<double>(n) / seconds, latency_us);
     line.num("message_bytes", static_cast<std::int64_t>(message));
     line.num("mib_per_s", static_cast<double>(n) * static_cast<double>(message) / (1024.0 * 1024.0) / seconds, 1);
     line.num("wall_ms", bench::to_ms(wall), 2);
+    // CPU time (user + system, every thread) per round trip: what a loaded machine changes
+    // least, so it compares systems better than ops/s there.
+    line.num("cpu_us_per_op", cpu_us / static_cast<double>(n), 2);
     line.num("threads_created", bench::thread_count() - 1).num("max_rss_kb", bench::max_rss_kb());
     line.print();
 }
