@@ -70,7 +70,7 @@ struct BlackholeListener {
 };
 
 // A resolver for ScopedResolver that answers every lookup with `addresses`.
-anyio::detail::Resolver fixed_addresses(std::vector<anyio::AddrInfo> addresses) {
+anyio::lowlevel::Resolver fixed_addresses(std::vector<anyio::AddrInfo> addresses) {
     return [addresses](const std::string&, const std::string&, const anyio::AddrInfoHints&) {
         return addresses;
     };

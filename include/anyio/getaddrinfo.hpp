@@ -97,6 +97,14 @@ struct AddrInfo {
     }
 };
 
+namespace lowlevel {
+/// A resolver with the shape of the blocking getaddrinfo(3): host ("" for none), service
+/// (a port number or a name) and hints in, the address list out (or an exception).
+using Resolver = std::function<std::vector<AddrInfo>(const std::string& host,
+                                                     const std::string& service,
+                                                     const AddrInfoHints& hints)>;
+}  // namespace lowlevel
+
 namespace detail {
 
 /// The error category of getaddrinfo's EAI_* codes (messages from gai_strerror).
@@ -110,10 +118,7 @@ inline const std::error_category& gai_category() noexcept {
     return category;
 }
 
-/// The resolver, as a blocking function (the real getaddrinfo, or a test's substitute).
-using Resolver = std::function<std::vector<AddrInfo>(const std::string& host,
-                                                     const std::string& service,
-                                                     const AddrInfoHints& hints)>;
+using lowlevel::Resolver;
 
 /// The blocking call, run on a worker thread. Duplicates (glibc returns some) are dropped.
 inline std::vector<AddrInfo> blocking_getaddrinfo(const std::string& host, const std::string& service,
@@ -228,7 +233,7 @@ namespace lowlevel {
 /// Restores the previous resolver when destroyed. Loop thread only; not nestable out of order.
 class ScopedResolver {
 public:
-    explicit ScopedResolver(detail::Resolver resolver)
+    explicit ScopedResolver(Resolver resolver)
         : service_(&detail::resolver_service("lowlevel::ScopedResolver")),
           previous_(std::exchange(service_->substitute(), std::move(resolver))) {}
     ScopedResolver(const ScopedResolver&) = delete;
@@ -237,7 +242,7 @@ public:
 
 private:
     detail::ResolverService* service_;
-    detail::Resolver previous_;
+    Resolver previous_;
 };
 
 }  // namespace lowlevel

@@ -151,9 +151,12 @@ struct HappyEyeballs {
         std::vector<std::pair<std::size_t, std::error_code>> sorted = failures;
         std::sort(sorted.begin(), sorted.end(),
                   [](const auto& a, const auto& b) { return a.first < b.first; });
-        std::string what = "anyio::connect_tcp: all " + std::to_string(targets.size()) +
-                           " connection attempt" + (targets.size() == 1 ? "" : "s") + " to " +
-                           host + " port " + std::to_string(port) + " failed (";
+        std::string what = targets.size() == 1
+                               ? "anyio::connect_tcp: cannot connect to " + host + " port " +
+                                     std::to_string(port) + " ("
+                               : "anyio::connect_tcp: all " + std::to_string(targets.size()) +
+                                     " connection attempts to " + host + " port " +
+                                     std::to_string(port) + " failed (";
         for (std::size_t i = 0; i < sorted.size(); ++i) {
             if (i != 0) what += "; ";
             what += targets[sorted[i].first].address().to_string() + ": " + sorted[i].second.message();
