@@ -42,19 +42,17 @@ using namespace anyio_test;
 #endif
 #endif
 
+#if !defined(ANYIO_TEST_NO_ALLOCATION_COUNT)
 namespace {
 std::atomic<long long> allocations{0};
-#if !defined(ANYIO_TEST_NO_ALLOCATION_COUNT)
 void* counted_allocate(std::size_t size) noexcept {
     void* p = std::malloc(size == 0 ? 1 : size);
     // relaxed: a count read by the same thread after the measured loop.
     if (p != nullptr) allocations.fetch_add(1, std::memory_order_relaxed);
     return p;
 }
-#endif
 }  // namespace
 
-#if !defined(ANYIO_TEST_NO_ALLOCATION_COUNT)
 void* operator new(std::size_t size) {
     void* p = counted_allocate(size);
     if (p == nullptr) throw std::bad_alloc();
