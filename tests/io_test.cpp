@@ -136,3 +136,31 @@ TEST_CASE("a descriptor a SocketStream owns cannot be waited for with wait_reada
         ::close(fds[1]);
     });
 }
+
+TEST_CASE("a loop busy with ready tasks still polls for I/O at every turn", "[io]") {
+    Pipe pipe;
+    int turns_after_write = -1;
+    anyio::run([&]() -> anyio::Task<> {
+        bool woken = false;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await anyio::wait_readable(pipe.reader());
+                woken = true;
+            });
+            // A task that is always ready: the loop never sleeps while it runs.
+            for (int turn = 0; turn < 10; ++turn) co_await anyio::checkpoint();
+            char byte = 'b';
+            REQUIRE(::write(pipe.writer(), &byte, 1) == 1);
+            int turns = 0;
+            while (!woken && turns < 100) {
+                co_await anyio::checkpoint();
+                ++turns;
+            }
+            turns_after_write = turns;
+        });
+    });
+    // Polled before the next batch, the waiter runs in the turn after: never a turn later
+    // because a poll was skipped.
+    CHECK(turns_after_write >= 1);
+    CHECK(turns_after_write <= 2);
+}
