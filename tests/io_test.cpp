@@ -2,6 +2,7 @@
 
 #include <anyio/cancel_scope.hpp>
 #include <anyio/event.hpp>
+#include <anyio/socket_stream.hpp>
 #include <anyio/task_group.hpp>
 
 #include <array>
@@ -10,6 +11,7 @@
 #include <system_error>
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "catch.hpp"
@@ -116,4 +118,49 @@ TEST_CASE("a cancelled task does not start waiting for readiness", "[io]") {
         CHECK(scope.cancelled_caught());
         CHECK_FALSE(anyio::EventLoop::current()->poller().has_waiters());
     });
+}
+
+TEST_CASE("a descriptor a SocketStream owns cannot be waited for with wait_readable", "[io]") {
+    anyio::run([&]() -> anyio::Task<> {
+        int fds[2];
+        REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) == 0);
+        anyio::SocketStream owned = anyio::SocketStream::from_fd(fds[0]);
+        CHECK_THROWS_AS(co_await anyio::wait_readable(owned.native_handle()), std::system_error);
+        CHECK_FALSE(anyio::EventLoop::current()->poller().has_waiters());
+        // The other end, not owned by a stream, still can; and the two kinds of waits share
+        // the loop's epoll.
+        char byte = 'q';
+        co_await owned.send(std::string_view(&byte, 1));
+        co_await anyio::wait_readable(fds[1]);
+        REQUIRE(::read(fds[1], &byte, 1) == 1);
+        ::close(fds[1]);
+    });
+}
+
+TEST_CASE("a loop busy with ready tasks still polls for I/O at every turn", "[io]") {
+    Pipe pipe;
+    int turns_after_write = -1;
+    anyio::run([&]() -> anyio::Task<> {
+        bool woken = false;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            tg.start_soon([&]() -> anyio::Task<> {
+                co_await anyio::wait_readable(pipe.reader());
+                woken = true;
+            });
+            // A task that is always ready: the loop never sleeps while it runs.
+            for (int turn = 0; turn < 10; ++turn) co_await anyio::checkpoint();
+            char byte = 'b';
+            REQUIRE(::write(pipe.writer(), &byte, 1) == 1);
+            int turns = 0;
+            while (!woken && turns < 100) {
+                co_await anyio::checkpoint();
+                ++turns;
+            }
+            turns_after_write = turns;
+        });
+    });
+    // Polled before the next batch, the waiter runs in the turn after: never a turn later
+    // because a poll was skipped.
+    CHECK(turns_after_write >= 1);
+    CHECK(turns_after_write <= 2);
 }

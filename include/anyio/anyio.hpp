@@ -12,6 +12,8 @@
 #include "from_thread.hpp"
 #include "io.hpp"
 #include "memory_stream.hpp"
+#include "net.hpp"
+#include "signals.hpp"
 #include "sync.hpp"
 #include "task.hpp"
 #include "task_group.hpp"

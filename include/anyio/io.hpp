@@ -49,7 +49,11 @@ private:
 
 /// Suspends until `fd` is readable (or has an error/hang-up). A cancellation point. One task
 /// at a time may wait per descriptor and direction (std::logic_error otherwise); a descriptor
-/// epoll cannot watch (a regular file) gives std::system_error. Loop-thread only.
+/// epoll cannot watch (a regular file) gives std::system_error, and so does one that a
+/// SocketStream, listener or signal receiver owns (they keep their own registration: use
+/// their operations). The descriptor is watched only while a task waits (level-triggered),
+/// so the caller may close it at any time it is not waiting. Allocates a map entry per wait.
+/// Loop-thread only.
 inline detail::IoAwaiter wait_readable(int fd) noexcept { return detail::IoAwaiter{fd, false}; }
 
 /// Suspends until `fd` is writable. As wait_readable.

@@ -1,6 +1,15 @@
-// epoll readiness for wait_readable / wait_writable, and the loop's way to sleep when it has
-// descriptors to watch. Kept behind detail/ so kqueue can take its place on other systems.
-// Loop-thread only.
+// epoll readiness, and the loop's way to sleep when it has descriptors to watch. Kept behind
+// detail/ so kqueue can take its place on other systems. Loop-thread only.
+//
+// Two kinds of interest share one epoll instance:
+// - fd-keyed waits (wait_readable / wait_writable on any descriptor): level-triggered, the
+//   descriptor is added when a task starts waiting and removed when it stops, so a caller
+//   who owns the descriptor owes the poller nothing;
+// - registered handles (sockets, signalfd receivers): added once when the object is
+//   created and removed once before its descriptor is closed. See IoHandle for why these
+//   are edge-triggered.
+// The epoll user data tells them apart: a handle is a pointer (even, since IoHandle is
+// aligned), an fd-keyed wait is (fd << 1) | 1, the loop's own eventfd is ~0.
 #pragma once
 
 #include <cerrno>
@@ -10,17 +19,63 @@
 #include <string>
 #include <system_error>
 #include <unordered_map>
+#include <utility>
 
 #include <sys/epoll.h>
 #include <unistd.h>
 
+#include "intrusive_list.hpp"
+
 namespace anyio::detail {
+
+class Poller;
+struct IoHandle;
+struct IoHandleTag {};
 
 /// Someone waiting for a descriptor to become ready; `ready` is called on the loop thread.
 struct IoWaiter {
     using Ready = void (*)(IoWaiter* self);
     explicit IoWaiter(Ready ready) noexcept : ready_(ready) {}
     Ready ready_;
+};
+
+/// A task's pending operation on a registered handle (a receive, a send, an accept...).
+/// `on_event` is called on the loop thread whenever the descriptor may have become ready in
+/// the waiter's direction, and once more when the owner closes the handle. It retries its
+/// system call; if that would still block it simply returns (and keeps waiting), otherwise
+/// it detaches itself (Poller::clear_waiter) and wakes its task. It must not throw and must
+/// not close or free any handle (the poller may be in the middle of a batch of events).
+struct HandleWaiter {
+    using OnEvent = void (*)(HandleWaiter* self, IoHandle& handle) noexcept;
+    explicit HandleWaiter(OnEvent on_event) noexcept : on_event_(on_event) {}
+    OnEvent on_event_;
+};
+
+/// A descriptor registered with the poller for its whole life: one EPOLL_CTL_ADD when the
+/// object is created, one EPOLL_CTL_DEL before its descriptor is closed, none per operation.
+///
+/// Why edge-triggered (EPOLLET) rather than one-shot: with EPOLLONESHOT every wait needs an
+/// EPOLL_CTL_MOD to re-arm, a system call per blocked operation; with EPOLLET nothing is
+/// re-armed. Level-triggered would report a readable socket on every epoll_wait while no task
+/// is reading it. Edge-triggering loses no wake-up here because every operation tries its
+/// system call first and waits only after it returned EAGAIN: the kernel reports an edge for
+/// every state change after that, and an edge queued before it merely causes one spurious
+/// retry. Everything happens on the loop thread, so nothing can slip between the EAGAIN and
+/// the waiter taking its slot. Its address is the epoll user data, so a handle never moves
+/// while registered (it lives in a heap block owned by the movable public object).
+///
+/// Loop-thread only. At most one reader and one writer wait at a time (the owner enforces
+/// it, with BusyResourceError). If the loop (its poller) is destroyed first, `poller` is
+/// reset to nullptr and the owner just closes its descriptor.
+struct alignas(8) IoHandle : ListHook<IoHandleTag> {
+    IoHandle() = default;
+    IoHandle(const IoHandle&) = delete;
+    IoHandle& operator=(const IoHandle&) = delete;
+
+    int fd = -1;
+    HandleWaiter* reader = nullptr;
+    HandleWaiter* writer = nullptr;
+    Poller* poller = nullptr;  // the poller it is registered with; nullptr: not registered
 };
 
 class Poller {
@@ -40,7 +95,12 @@ public:
                                     "anyio: cannot watch the loop's eventfd");
         }
     }
-    ~Poller() { ::close(epoll_fd_); }
+    ~Poller() {
+        // Handles still registered belong to objects that outlive the loop (a stream kept
+        // after run() returned): they must not call into this poller any more.
+        while (IoHandle* handle = handles_.pop_front()) handle->poller = nullptr;
+        ::close(epoll_fd_);
+    }
     Poller(const Poller&) = delete;
     Poller& operator=(const Poller&) = delete;
 
@@ -85,18 +145,74 @@ public:
         }
     }
 
+    /// Registers `handle` (whose `fd` is set) for its life, edge-triggered for input, output,
+    /// peer hang-up and errors. Throws std::system_error if epoll refuses the descriptor.
+    void add(IoHandle& handle) {
+        epoll_event event{};
+        event.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        event.data.ptr = &handle;
+        if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, handle.fd, &event) != 0) {
+            throw std::system_error(errno, std::generic_category(),
+                                    "anyio: cannot register fd " + std::to_string(handle.fd) +
+                                        " with epoll");
+        }
+        handle.poller = this;
+        handles_.push_back(handle);
+    }
+
+    /// Unregisters `handle`; call it before closing the descriptor (a descriptor duplicated
+    /// into another process would otherwise stay in the epoll set). Its waiters must have been
+    /// detached. Never throws.
+    void remove(IoHandle& handle) noexcept {
+        if (handle.poller != this) return;
+        epoll_event unused{};
+        ::epoll_ctl(epoll_fd_, EPOLL_CTL_DEL, handle.fd, &unused);  // ENOENT etc.: nothing to undo
+        handle.ListHook<IoHandleTag>::unlink();
+        handle.poller = nullptr;
+    }
+
+    /// `waiter` now waits for `handle` to become readable (`writable`: writable).
+    void set_waiter(IoHandle& handle, bool writable, HandleWaiter* waiter) noexcept {
+        HandleWaiter*& slot = writable ? handle.writer : handle.reader;
+        if (slot == nullptr) ++waiters_;
+        slot = waiter;
+    }
+    /// The waiter of that direction stops waiting (done, cancelled or closed). Never throws.
+    void clear_waiter(IoHandle& handle, bool writable) noexcept {
+        HandleWaiter*& slot = writable ? handle.writer : handle.reader;
+        if (slot != nullptr) --waiters_;
+        slot = nullptr;
+    }
+
     /// Sleeps until an event or the timeout (nullptr: no timeout); calls ready waiters.
     /// Returns true when the wake-up descriptor fired.
+    ///
+    /// A zero-timeout poll that comes right after a sleeping poll (no poll in between) is
+    /// skipped: the loop polls without sleeping before each batch of ready tasks, and when it
+    /// has just slept in epoll_wait that second system call finds nothing the first one did
+    /// not (an event of the last microseconds is taken at the next turn). It halves the
+    /// epoll_wait calls of a loop that wakes for I/O; two zero-timeout polls in a row always
+    /// both run, so a busy loop still polls before every batch.
     bool wait(const std::timespec* timeout) {
-        epoll_event events[64];
-        int count = wait_for_events(events, 64, timeout);
+        const bool zero_timeout = timeout != nullptr && timeout->tv_sec == 0 && timeout->tv_nsec == 0;
+        if (zero_timeout && std::exchange(just_slept_, false)) return false;
+        constexpr int capacity = 64;
+        epoll_event events[capacity];
+        int count = wait_for_events(events, capacity, timeout);
+        // A full batch may have left events behind: then the next poll must not be skipped.
+        just_slept_ = !zero_timeout && count < capacity;
         bool woken = false;
         for (int i = 0; i < count; ++i) {
-            if (events[i].data.u64 == wake_marker) {
+            const std::uint64_t data = events[i].data.u64;
+            if (data == wake_marker) {
                 woken = true;
                 continue;
             }
-            int fd = static_cast<int>(events[i].data.u64);
+            if ((data & 1u) == 0) {
+                dispatch(*static_cast<IoHandle*>(events[i].data.ptr), events[i].events);
+                continue;
+            }
+            int fd = static_cast<int>(data >> 1);
             auto found = interests_.find(fd);
             if (found == interests_.end()) continue;
             const std::uint32_t flags = events[i].events;
@@ -117,6 +233,18 @@ public:
     }
 
 private:
+    static void dispatch(IoHandle& handle, std::uint32_t flags) noexcept {
+        const bool error = (flags & (EPOLLERR | EPOLLHUP)) != 0;
+        // A waiter's callback only detaches itself and schedules its task: the handle stays
+        // alive, so the writer slot can be read after the reader ran.
+        if (handle.reader != nullptr && ((flags & (EPOLLIN | EPOLLRDHUP)) != 0 || error)) {
+            handle.reader->on_event_(handle.reader, handle);
+        }
+        if (handle.writer != nullptr && ((flags & EPOLLOUT) != 0 || error)) {
+            handle.writer->on_event_(handle.writer, handle);
+        }
+    }
+
     struct Interest {
         IoWaiter* reader = nullptr;
         IoWaiter* writer = nullptr;
@@ -129,7 +257,7 @@ private:
                                (interest.writer != nullptr ? EPOLLOUT : 0u);
         epoll_event event{};
         event.events = wanted;
-        event.data.u64 = static_cast<std::uint64_t>(static_cast<std::uint32_t>(fd));
+        event.data.u64 = (static_cast<std::uint64_t>(static_cast<std::uint32_t>(fd)) << 1) | 1u;
         int op = wanted == 0 ? EPOLL_CTL_DEL : interest.registered ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
         if (::epoll_ctl(epoll_fd_, op, fd, &event) != 0) {
             throw std::system_error(errno, std::generic_category(),
@@ -163,7 +291,9 @@ private:
 
     int epoll_fd_;
     std::unordered_map<int, Interest> interests_;
+    IntrusiveList<IoHandle, IoHandleTag> handles_;
     std::size_t waiters_ = 0;
+    bool just_slept_ = false;  // the last poll slept (or could have): see wait()
     bool have_pwait2_ = true;
 };
 
