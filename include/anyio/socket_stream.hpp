@@ -76,12 +76,12 @@ private:
 };
 
 /// co_await stream.receive(max_bytes) -> std::string.
-class ReceiveAwaiter final : public SocketAwaiter<ReceiveAwaiter> {
+class SocketReceiveAwaiter final : public SocketAwaiter<SocketReceiveAwaiter> {
 public:
     static constexpr bool writes = false;
     static constexpr const char* name = "SocketStream::receive";
 
-    ReceiveAwaiter(SocketCore* core, std::size_t max_bytes) noexcept
+    SocketReceiveAwaiter(SocketCore* core, std::size_t max_bytes) noexcept
         : SocketAwaiter(core), max_bytes_(max_bytes) {}
 
     bool prepare() {
@@ -126,12 +126,12 @@ private:
 };
 
 /// co_await stream.send(bytes): returns once every byte is written.
-class SendAwaiter final : public SocketAwaiter<SendAwaiter> {
+class SocketSendAwaiter final : public SocketAwaiter<SocketSendAwaiter> {
 public:
     static constexpr bool writes = true;
     static constexpr const char* name = "SocketStream::send";
 
-    SendAwaiter(SocketCore* core, std::span<const std::byte> data) noexcept
+    SocketSendAwaiter(SocketCore* core, std::span<const std::byte> data) noexcept
         : SocketAwaiter(core), data_(data) {}
 
     bool prepare() const {
@@ -164,9 +164,9 @@ private:
 };
 
 /// co_await stream.send_eof(): a cancellation point that never suspends.
-class SendEofAwaiter {
+class SocketSendEofAwaiter {
 public:
-    explicit SendEofAwaiter(SocketCore* core) noexcept : core_(core) {}
+    explicit SocketSendEofAwaiter(SocketCore* core) noexcept : core_(core) {}
     bool await_ready() const noexcept { return true; }
     void await_suspend(std::coroutine_handle<>) const noexcept {}
     void await_resume() const {
@@ -253,12 +253,12 @@ public:
 
     /// Receives 1..max_bytes bytes (anyio's receive). EndOfStream at end of file. Throws
     /// std::invalid_argument for max_bytes == 0.
-    [[nodiscard]] detail::ReceiveAwaiter receive(std::size_t max_bytes = 65536) {
+    [[nodiscard]] detail::SocketReceiveAwaiter receive(std::size_t max_bytes = 65536) {
         if (max_bytes == 0) {
             throw std::invalid_argument(
                 "anyio::SocketStream::receive: max_bytes must be at least 1");
         }
-        return detail::ReceiveAwaiter{core_.get(), max_bytes};
+        return detail::SocketReceiveAwaiter{core_.get(), max_bytes};
     }
 
     /// Receives into `buffer` without a copy; yields the number of bytes written (>= 1).
@@ -272,16 +272,16 @@ public:
     }
 
     /// Sends every byte of `data` (the bytes must stay alive until the co_await returns).
-    [[nodiscard]] detail::SendAwaiter send(std::span<const std::byte> data) noexcept {
-        return detail::SendAwaiter{core_.get(), data};
+    [[nodiscard]] detail::SocketSendAwaiter send(std::span<const std::byte> data) noexcept {
+        return detail::SocketSendAwaiter{core_.get(), data};
     }
-    [[nodiscard]] detail::SendAwaiter send(std::string_view data) noexcept {
-        return detail::SendAwaiter{core_.get(), std::as_bytes(std::span(data.data(), data.size()))};
+    [[nodiscard]] detail::SocketSendAwaiter send(std::string_view data) noexcept {
+        return detail::SocketSendAwaiter{core_.get(), std::as_bytes(std::span(data.data(), data.size()))};
     }
 
     /// Shuts down the sending side (the peer receives EOF); idempotent. A cancellation point;
     /// BusyResourceError while another task is sending.
-    [[nodiscard]] detail::SendEofAwaiter send_eof() noexcept { return detail::SendEofAwaiter{core_.get()}; }
+    [[nodiscard]] detail::SocketSendEofAwaiter send_eof() noexcept { return detail::SocketSendEofAwaiter{core_.get()}; }
 
     /// Closes the socket. A task blocked on it resumes with ClosedResourceError. Idempotent.
     void close() {
