@@ -57,14 +57,21 @@ inline const char service_key = 0;
 /// Settings of one event loop (an aggregate: use designated initializers, in this order).
 struct LoopOptions {
     /// Worker threads idle for this long or longer are stopped (oldest first), at the next
-    /// offload and by the loop on its own when there is no traffic.
+    /// offload and by the loop on its own when there is no traffic. A duration too long for
+    /// the clock (e.g. duration::max()) means never.
     std::chrono::steady_clock::duration max_idle_time = std::chrono::seconds(10);
     /// Total tokens of the loop's default thread limiter.
     std::int64_t default_thread_tokens = 40;
     /// Name of the worker threads, also given to the OS (cut to 15 bytes).
     std::string thread_name = "anyio worker";
-    /// Run on each worker thread as it starts, and before it exits. The loop joins a retiring
-    /// worker right after this hook, so the hook must not block or call into the loop.
+    /// on_thread_start runs on each new worker thread before its first job; on_thread_stop
+    /// runs before a thread that started exits. An exception from on_thread_start makes that
+    /// start a failed start: the run_sync call the thread was started for gets the exception,
+    /// its token comes back, and the thread exits without running on_thread_stop. Exceptions
+    /// from on_thread_stop are ignored. The loop never waits for a hook: a retiring worker runs
+    /// on_thread_stop on its own thread and is joined once it reports that it has exited
+    /// (leaving run() still waits until every worker has). Keep hooks short; they must not
+    /// call into the loop.
     std::function<void()> on_thread_start{};
     std::function<void()> on_thread_stop{};
     /// How long leaving run() waits for busy workers before detaching them (their late
@@ -428,8 +435,13 @@ inline void EventLoop::run_once() {
             node = next;
         }
     }
-    time_point now = clock::now();
-    fire_due_timers(now);
+    // The clock is read only when a timer may be due: a turn that only hands work between
+    // tasks (streams, locks) costs no clock read.
+    if (!timers_.empty()) {
+        fire_due_timers(clock::now());
+    } else {
+        timers_.shrink_if_sparse();  // a burst of timers that all went away gives memory back
+    }
     if (poller_.has_waiters() && !ready_.empty()) {
         std::timespec zero{};
         if (poller_.wait(&zero)) shared_->drain_event_fd();
