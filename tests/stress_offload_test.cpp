@@ -606,3 +606,309 @@ TEST_CASE("A million offloads from thousands of tasks, with every feature mixed 
     CHECK(threads_named(worker_name) == 0);
     CHECK(eventually_true([&] { return thread_count() == baseline; }));
 }
+
+// =============================================================================================
+// Shutdown under load: leaving run() with hundreds of calls in flight
+// =============================================================================================
+
+namespace {
+
+// A result that counts its live copies: late completions that are dropped must still destroy
+// their results exactly once.
+struct Tracked {
+    static inline std::atomic<int> alive{0};
+    explicit Tracked(int value) : value(value) { alive.fetch_add(1, std::memory_order_relaxed); }  // relaxed: a counter
+    Tracked(Tracked&& other) noexcept : value(other.value) { alive.fetch_add(1, std::memory_order_relaxed); }
+    Tracked& operator=(Tracked&&) = delete;
+    ~Tracked() { alive.fetch_sub(1, std::memory_order_relaxed); }
+    int value;
+};
+
+// How a call back into the loop from a worker (or a plain thread) ended.
+enum class Back : int { returned, run_finished, cancelled, other, count };
+
+Back back_of(const std::string& outcome) {
+    if (outcome == "returned") return Back::returned;
+    if (outcome == "RunFinishedError") return Back::run_finished;
+    if (outcome == "Cancelled") return Back::cancelled;
+    return Back::other;
+}
+
+// Everything the threads of one scenario share. Held by shared_ptr: with shutdown_timeout,
+// workers outlive run().
+struct ShutdownState {
+    bool with_timeout = false;
+    anyio::LoopToken token;
+    std::atomic<bool> main_done{false};  // set by the main task as its last statement
+    std::promise<void> gate;             // with_timeout: opened by the test after run() returned
+    std::shared_future<void> gate_open = gate.get_future().share();
+    std::atomic<int> running{0};          // fns that have started
+    std::atomic<int> finished{0};         // fns that have returned
+    std::atomic<int> plain_running{0};    // plain threads' loop tasks that have started
+    std::atomic<int> ran_after_main{0};   // user code run on the loop after main finished
+    std::atomic<int> stop_seen{0};        // leftover calls whose fn saw the stop request
+    std::array<std::atomic<int>, static_cast<std::size_t>(Back::count)> worker_back{};
+    std::array<std::atomic<int>, static_cast<std::size_t>(Back::count)> plain_back{};
+
+    void note_if_after_main() {
+        // acquire: pairs with the main task's release store, so "after" means after.
+        if (main_done.load(std::memory_order_acquire)) ran_after_main.fetch_add(1, std::memory_order_relaxed);
+    }
+    bool wait_for_main(std::chrono::milliseconds limit = 10s) {
+        const auto until = Clock::now() + limit;
+        while (!main_done.load(std::memory_order_acquire)) {  // acquire: as above
+            if (Clock::now() >= until) return false;
+            std::this_thread::sleep_for(200us);
+        }
+        return true;
+    }
+};
+
+constexpr int abandoned_calls = 200;   // through a limiter of abandon_tokens: the rest wait
+constexpr int abandon_tokens = 120;
+constexpr int awaited_calls = 60;      // shielded calls the main task waits for
+constexpr int leftover_tasks = 40;     // tasks outside any group, in a shielded call at the end
+constexpr int plain_threads = 8;       // blocked in from_thread::run when the loop ends
+
+anyio::Task<> back_on_loop(std::shared_ptr<ShutdownState> state) {
+    state->note_if_after_main();
+    co_await anyio::checkpoint();
+    state->note_if_after_main();
+}
+
+// An abandoned call's fn: it is still running when the main task finishes, then calls back
+// into the loop (three ways), then returns a result nobody will take.
+Tracked abandoned_fn(std::shared_ptr<ShutdownState> state, int i) {
+    state->running.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    state->wait_for_main();
+    if (state->with_timeout) {
+        state->gate_open.wait_for(10s);  // past the timeout: the loop gives up on this worker
+    } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(i % 20));
+    }
+    const std::string outcome = outcome_of([&] {
+        switch (i % 3) {
+        case 0:
+            anyio::from_thread::run_sync([&] { state->note_if_after_main(); });
+            break;
+        case 1:
+            anyio::from_thread::run(back_on_loop, state);
+            break;
+        default:
+            state->token.call_soon_threadsafe([state] { state->note_if_after_main(); });
+            break;
+        }
+    });
+    state->worker_back[static_cast<std::size_t>(back_of(outcome))].fetch_add(1, std::memory_order_relaxed);
+    state->finished.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    return Tracked(i);
+}
+
+// A leftover task's fn: blocks until leaving run() asks it to stop.
+Tracked stoppable_fn(std::stop_token stop, std::shared_ptr<ShutdownState> state) {
+    state->running.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    const auto until = Clock::now() + 10s;
+    while (!stop.stop_requested() && Clock::now() < until) std::this_thread::sleep_for(200us);
+    if (stop.stop_requested()) state->stop_seen.fetch_add(1, std::memory_order_relaxed);
+    state->finished.fetch_add(1, std::memory_order_relaxed);
+    return Tracked(-1);
+}
+
+anyio::Task<> leftover_task(std::shared_ptr<ShutdownState> state) {
+    Tracked result = co_await run_sync(stoppable_fn, state);
+    (void)result;
+    state->note_if_after_main();  // a task resumed after main finished
+}
+
+// A plain thread's task: runs until the loop destroys it.
+anyio::Task<> forever_on_loop(std::shared_ptr<ShutdownState> state) {
+    state->plain_running.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+    for (;;) {
+        co_await anyio::sleep(1ms);
+        state->note_if_after_main();
+    }
+}
+
+struct ShutdownReport {
+    int running_at_main_end = 0;    // fns started (and not finished) when main finished
+    std::size_t busy_at_main_end = 0;
+    std::chrono::steady_clock::duration leaving{};  // from main's end to run() returning
+    int finished_at_return = 0;
+    int started = 0;
+    int finished = 0;
+    int stop_seen = 0;
+    int ran_after_main = 0;
+    std::array<int, static_cast<std::size_t>(Back::count)> worker_back{};
+    std::array<int, static_cast<std::size_t>(Back::count)> plain_back{};
+    int tracked_alive = 0;
+    bool threads_gone = false;
+    bool fns_all_finished = false;
+};
+
+ShutdownReport run_shutdown_scenario(bool with_timeout) {
+    const std::size_t baseline = quiet_thread_count();
+    auto state = std::make_shared<ShutdownState>();
+    state->with_timeout = with_timeout;
+    ShutdownReport report;
+    std::vector<std::thread> plain;
+    Clock::time_point main_end;
+    anyio::EventLoop::Options options{.thread_name = worker_name};
+    if (with_timeout) options.shutdown_timeout = 50ms;
+    anyio::run(
+        [&]() -> anyio::Task<> {
+            state->token = anyio::lowlevel::current_token();
+            anyio::CapacityLimiter abandon_limiter(abandon_tokens);
+            // Room for every leftover call and every awaited one at once.
+            anyio::to_thread::current_default_thread_limiter().set_total_tokens(leftover_tasks + awaited_calls);
+            for (int i = 0; i < plain_threads; ++i) {
+                plain.emplace_back([state] {
+                    const std::string outcome = outcome_of([&] {
+                        anyio::from_thread::run(state->token, forever_on_loop, state);
+                    });
+                    state->plain_back[static_cast<std::size_t>(back_of(outcome))].fetch_add(1, std::memory_order_relaxed);
+                });
+            }
+            for (int i = 0; i < leftover_tasks; ++i) anyio::EventLoop::current()->spawn(leftover_task(state));
+            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+                for (int i = 0; i < awaited_calls; ++i) {
+                    tg.start_soon([&, i]() -> anyio::Task<> {
+                        auto short_fn = [](std::shared_ptr<ShutdownState> shared, int ms) {
+                            shared->running.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
+                            std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+                            shared->finished.fetch_add(1, std::memory_order_relaxed);
+                        };
+                        co_await run_sync(short_fn, state, 2 + i % 5);
+                    });
+                }
+                co_await anyio::task_group([&](anyio::TaskGroup& abandoning) -> anyio::Task<> {
+                    for (int i = 0; i < abandoned_calls; ++i) {
+                        abandoning.start_soon([&, i]() -> anyio::Task<> {
+                            Tracked result = co_await run_sync(
+                                {.limiter = &abandon_limiter, .abandon_on_cancel = true}, abandoned_fn, state, i);
+                            (void)result;
+                        });
+                    }
+                    // Everything in flight: abandon_tokens fns of abandoned calls, every
+                    // leftover task's fn, every plain thread's task.
+                    const auto until = anyio::current_time() + 10s;
+                    while ((state->running.load(std::memory_order_relaxed) -
+                                    state->finished.load(std::memory_order_relaxed) <
+                                abandon_tokens + leftover_tasks ||
+                            state->plain_running.load(std::memory_order_relaxed) < plain_threads) &&
+                           anyio::current_time() < until) {
+                        co_await anyio::sleep(1ms);
+                    }
+                    // 200 callers leave at once; 80 of them never got a token.
+                    abandoning.cancel_scope().cancel();
+                });
+            });
+            report.running_at_main_end = state->running.load(std::memory_order_relaxed) -
+                                         state->finished.load(std::memory_order_relaxed);
+            report.busy_at_main_end = anyio::to_thread::statistics().busy_workers;
+            main_end = Clock::now();
+            state->main_done.store(true, std::memory_order_release);  // release: see note_if_after_main
+        }(),
+        options);
+    report.leaving = Clock::now() - main_end;
+    report.finished_at_return = state->finished.load(std::memory_order_relaxed);
+    state->gate.set_value();
+    for (std::thread& thread : plain) thread.join();
+    report.fns_all_finished = eventually_true([&] {
+        return state->finished.load(std::memory_order_relaxed) == state->running.load(std::memory_order_relaxed);
+    }, 10s);
+    report.threads_gone = eventually_true([&] { return threads_named(worker_name) == 0 && thread_count() == baseline; });
+    report.started = state->running.load(std::memory_order_relaxed);
+    report.finished = state->finished.load(std::memory_order_relaxed);
+    report.stop_seen = state->stop_seen.load(std::memory_order_relaxed);
+    report.ran_after_main = state->ran_after_main.load(std::memory_order_relaxed);
+    for (std::size_t i = 0; i < report.worker_back.size(); ++i) {
+        report.worker_back[i] = state->worker_back[i].load(std::memory_order_relaxed);
+        report.plain_back[i] = state->plain_back[i].load(std::memory_order_relaxed);
+    }
+    // Every worker has finished: the jobs they held (and their results) are gone once the
+    // threads are; give the last one a moment to free its job after the count above.
+    (void)eventually_true([] { return Tracked::alive.load(std::memory_order_relaxed) == 0; });
+    report.tracked_alive = Tracked::alive.load(std::memory_order_relaxed);
+    return report;
+}
+
+const ShutdownReport& without_timeout_report() {
+    static const ShutdownReport report = run_shutdown_scenario(false);
+    return report;
+}
+const ShutdownReport& with_timeout_report() {
+    static const ShutdownReport report = run_shutdown_scenario(true);
+    return report;
+}
+
+double milliseconds_of(Clock::duration duration) {
+    return std::chrono::duration<double, std::milli>(duration).count();
+}
+
+constexpr int fns_in_scenario = abandon_tokens + awaited_calls + leftover_tasks;
+
+void check_common(const ShutdownReport& report) {
+    // Hundreds of calls were in flight when the main task finished.
+    CHECK(report.running_at_main_end == abandon_tokens + leftover_tasks);
+    CHECK(report.busy_at_main_end >= static_cast<std::size_t>(abandon_tokens + leftover_tasks));
+    // The abandoned calls still waiting for a token never ran; every fn that started ended.
+    CHECK(report.started == fns_in_scenario);
+    CHECK(report.fns_all_finished);
+    CHECK(report.finished == fns_in_scenario);
+    // Leaving run() asked the leftover calls to stop.
+    CHECK(report.stop_seen == leftover_tasks);
+    // The plain threads blocked in from_thread::run were released with RunFinishedError.
+    CHECK(report.plain_back[static_cast<std::size_t>(Back::run_finished)] == plain_threads);
+    // Every worker's call back into the loop ended (a value, RunFinishedError, or the
+    // cancellation of its abandoned caller), never anything else.
+    CHECK(report.worker_back[static_cast<std::size_t>(Back::other)] == 0);
+    int backs = 0;
+    for (int count : report.worker_back) backs += count;
+    CHECK(backs == abandon_tokens);
+    // No result leaked or was destroyed twice; no worker thread is left.
+    CHECK(report.tracked_alive == 0);
+    CHECK(report.threads_gone);
+}
+
+}  // namespace
+
+TEST_CASE("Leaving run with hundreds of calls in flight, some abandoned and some blocked in "
+          "from_thread, waits for every worker and leaves nothing behind",
+          "[stress][shutdown]") {
+    const ShutdownReport& report = without_timeout_report();
+    WARN("shutdown without timeout: " << report.running_at_main_end << " fns in flight at main's end, run() left after "
+                                      << milliseconds_of(report.leaving) << " ms");
+    check_common(report);
+    // No shutdown_timeout: run() returned only after every fn had, and not much later.
+    CHECK(report.finished_at_return == fns_in_scenario);
+    CHECK(report.leaving < 5s);
+}
+
+TEST_CASE("Leaving run with hundreds of calls in flight and a shutdown_timeout returns after the "
+          "timeout; late completions are dropped safely",
+          "[stress][shutdown]") {
+    const ShutdownReport& report = with_timeout_report();
+    WARN("shutdown with a 50 ms timeout: " << report.running_at_main_end << " fns in flight at main's end, run() left after "
+                                           << milliseconds_of(report.leaving) << " ms");
+    check_common(report);
+    // The abandoned fns were still blocked (their gate opens after run() returns): run()
+    // gave up on them after the timeout instead of hanging, and their late calls into the
+    // finished loop all got RunFinishedError.
+    CHECK(report.leaving >= 50ms);
+    CHECK(report.leaving < 2s);
+    CHECK(report.finished_at_return == awaited_calls + leftover_tasks);
+    CHECK(report.worker_back[static_cast<std::size_t>(Back::run_finished)] == abandon_tokens);
+}
+
+TEST_CASE("Once the main task has finished, no user code runs on the loop, even with hundreds of "
+          "calls in flight",
+          "[stress][shutdown][!mayfail]") {
+    // API.md ("Running a loop"): from_thread calls and call_soon_threadsafe from workers that
+    // run() is still joining throw RunFinishedError, and no task is resumed. Issue 8 item 6;
+    // until it lands, shutdown's wait for the workers still runs their callbacks and resumes
+    // the leftover tasks and the plain threads' tasks.
+    for (const ShutdownReport* report : {&without_timeout_report(), &with_timeout_report()}) {
+        CHECK(report->ran_after_main == 0);
+        CHECK(report->worker_back[static_cast<std::size_t>(Back::run_finished)] == abandon_tokens);
+    }
+}
