@@ -508,7 +508,10 @@ TEST_CASE("With no file descriptor left, accept, connect_tcp and open_file fail 
     });
     REQUIRE(filled);
     WARN("descriptor drought: " << connect_failures.size() << " connects, " << open_failures.size() << " opens and "
-                                << accept_failures.size() << " accepts failed");
+                                << accept_failures.size() << " accepts failed; for example: \""
+                                << (connect_failures.empty() ? "" : connect_failures.front().what) << "\", \""
+                                << (open_failures.empty() ? "" : open_failures.front().what) << "\", \""
+                                << (accept_failures.empty() ? "" : accept_failures.front().what) << "\"");
     // Every operation failed, with EMFILE and a message saying which operation and what.
     CHECK(connect_ok == 0);
     CHECK(open_ok == 0);
@@ -532,6 +535,7 @@ TEST_CASE("With no file descriptor left, accept, connect_tcp and open_file fail 
         INFO(failure.what);
         CHECK(failure.system_error);
         CHECK(failure.code == EMFILE);
+        CHECK_THAT(failure.what, Contains("SocketListener::accept"));
     }
     // Nothing leaked: the drought's own descriptors aside, the same descriptors are open.
     CHECK(fds_after == fds_before);

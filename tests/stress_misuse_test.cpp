@@ -91,7 +91,9 @@ TEST_CASE("A CapacityLimiter, a Lock or a memory object stream used from a worke
     run_loop([&]() -> anyio::Task<> {
         anyio::CapacityLimiter limiter(2);
         anyio::Lock lock;
-        auto [tx, rx] = anyio::create_memory_object_stream<int>(4);
+        auto [send_end, receive_end] = anyio::create_memory_object_stream<int>(4);
+        auto& tx = send_end;  // clang 14 cannot capture a structured binding
+        auto& rx = receive_end;
         limiter.acquire_nowait();  // binds every object to this loop
         limiter.release();
         tx.send_nowait(0);
@@ -435,7 +437,9 @@ TEST_CASE("Sending on a closed memory object stream throws ClosedResourceError, 
           "receivers are gone BrokenResourceError; no item is delivered or leaked",
           "[misuse]") {
     run_loop([&]() -> anyio::Task<> {
-        auto [tx, rx] = anyio::create_memory_object_stream<std::shared_ptr<int>>(4);
+        auto [send_end, receive_end] = anyio::create_memory_object_stream<std::shared_ptr<int>>(4);
+        auto& tx = send_end;  // clang 14 cannot capture a structured binding
+        auto& rx = receive_end;
         auto other = tx.clone();
         auto item = std::make_shared<int>(1);
         tx.close();
