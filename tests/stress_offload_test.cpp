@@ -647,6 +647,10 @@ struct ShutdownState {
     std::atomic<int> plain_running{0};    // plain threads' loop tasks that have started
     std::atomic<int> ran_after_main{0};   // user code run on the loop after main finished
     std::atomic<int> stop_seen{0};        // leftover calls whose fn saw the stop request
+    // call_soon_threadsafe posts accepted although main_done was set: the main task had set
+    // it but not yet returned (its last microseconds, on the loop thread). Their callbacks
+    // must still never run (ran_after_main).
+    std::atomic<int> posted_at_main_end{0};
     std::array<std::atomic<int>, static_cast<std::size_t>(Back::count)> worker_back{};
     std::array<std::atomic<int>, static_cast<std::size_t>(Back::count)> plain_back{};
 
@@ -696,6 +700,7 @@ Tracked abandoned_fn(std::shared_ptr<ShutdownState> state, int i) {
             break;
         default:
             state->token.call_soon_threadsafe([state] { state->note_if_after_main(); });
+            state->posted_at_main_end.fetch_add(1, std::memory_order_relaxed);  // relaxed: a counter
             break;
         }
     });
@@ -737,6 +742,7 @@ struct ShutdownReport {
     int started = 0;
     int finished = 0;
     int stop_seen = 0;
+    int posted_at_main_end = 0;
     int ran_after_main = 0;
     std::array<int, static_cast<std::size_t>(Back::count)> worker_back{};
     std::array<int, static_cast<std::size_t>(Back::count)> plain_back{};
@@ -820,6 +826,7 @@ ShutdownReport run_shutdown_scenario(bool with_timeout) {
     report.started = state->running.load(std::memory_order_relaxed);
     report.finished = state->finished.load(std::memory_order_relaxed);
     report.stop_seen = state->stop_seen.load(std::memory_order_relaxed);
+    report.posted_at_main_end = state->posted_at_main_end.load(std::memory_order_relaxed);
     report.ran_after_main = state->ran_after_main.load(std::memory_order_relaxed);
     for (std::size_t i = 0; i < report.worker_back.size(); ++i) {
         report.worker_back[i] = state->worker_back[i].load(std::memory_order_relaxed);
@@ -907,8 +914,15 @@ TEST_CASE("Once the main task has finished, no user code runs on the loop, even 
     // run() is still joining throw RunFinishedError, and no task is resumed. Issue 8 item 6;
     // until it lands, shutdown's wait for the workers still runs their callbacks and resumes
     // the leftover tasks and the plain threads' tasks.
+    //
+    // A worker that calls back the very moment main_done is set (before the main task has
+    // returned, which the loop thread does next) may still get its call_soon_threadsafe
+    // posted: that is allowed, as long as the callback never runs. Every other call back gets
+    // RunFinishedError.
     for (const ShutdownReport* report : {&without_timeout_report(), &with_timeout_report()}) {
         CHECK(report->ran_after_main == 0);
-        CHECK(report->worker_back[static_cast<std::size_t>(Back::run_finished)] == abandon_tokens);
+        CHECK(report->worker_back[static_cast<std::size_t>(Back::run_finished)] + report->posted_at_main_end ==
+              abandon_tokens);
+        CHECK(report->posted_at_main_end <= abandon_tokens / 20);  // only workers that did not sleep
     }
 }
