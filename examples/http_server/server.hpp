@@ -6,7 +6,7 @@
 //   co_await server.serve(listener);          // until server.shutdown() and the drain
 //   co_await server.serve_connection(stream);  // or: one connection, any SocketStream
 //
-// How one connection runs (Server::Connection::run): read into the loop's read buffer, feed
+// How one connection runs (Server::Connection::run): read into the connection's buffer, feed
 // the parser; at a complete request, find its handler, await it (on the loop, or on a worker
 // for a plain handler), write the answer with one send, and go on with the bytes after the
 // request (pipelining) or read again. Requests on one connection are answered one at a time,
@@ -87,8 +87,8 @@ struct ServerStatistics {
 /// An HTTP/1.1 server on the loop that runs it. Construct it on the loop thread; every
 /// member is loop-thread only (another loop gets its own Server; see ServerOptions for the
 /// shared limit). The Router must outlive it. Costs per connection: its task and frames, the
-/// parser's buffers and an output buffer, reused from request to request; reading uses one
-/// buffer per loop thread. serve() may be called once; shutdown() any number of times.
+/// parser's buffers, a read buffer (16 KiB) and an output buffer, all reused from request to
+/// request. serve() may be called once; shutdown() any number of times.
 class Server {
 public:
     Server(const Router& router, ServerOptions options) : router_(router), options_(options) {}
@@ -252,7 +252,8 @@ public:
             if (buffered) {
                 pending_offset_ += outcome.consumed;
             } else if (outcome.consumed < input.size()) {
-                // The read buffer is the loop's: keep the rest (a pipelined request) here.
+                // The read buffer is reused by the next read: keep the rest (a pipelined
+                // request) here.
                 pending_.assign(input.substr(outcome.consumed));
                 pending_offset_ = 0;
             }
@@ -299,16 +300,17 @@ public:
     std::uint64_t remaining() const noexcept override { return remaining_; }
 
 private:
-    static constexpr std::size_t read_buffer_size = 64 * 1024;
+    static constexpr std::size_t read_buffer_size = 16 * 1024;
     static constexpr std::size_t stream_buffer_size = 64 * 1024;
     static constexpr std::size_t large_buffer = 64 * 1024;   // buffers beyond it are given back
     static constexpr std::size_t inline_body_limit = 16 * 1024;  // bodies up to it share the head's send
 
-    /// One read buffer per loop thread: the parser copies what it keeps, so the bytes are
-    /// needed only until the next suspension (the rest of a pipelined read goes to pending_).
-    static std::span<char> read_buffer() {
-        thread_local std::unique_ptr<char[]> buffer = std::make_unique<char[]>(read_buffer_size);
-        return {buffer.get(), read_buffer_size};
+    /// The connection's read buffer. Its own, not the loop's: a parked receive reads in the
+    /// poller's callback, before its task runs, so two connections woken in one loop turn
+    /// would overwrite a shared buffer. Pages are touched only as far as reads fill them.
+    std::span<char> read_buffer() {
+        if (!read_buffer_) read_buffer_ = std::make_unique<char[]>(read_buffer_size);
+        return {read_buffer_.get(), read_buffer_size};
     }
 
     /// Runs the handler of the complete request and writes its answer. Returns whether the
@@ -412,7 +414,7 @@ private:
 
     anyio::Task<void> drain_input() {
         const std::span<char> buffer = read_buffer();
-        for (std::size_t dropped = 0; dropped < 16 * read_buffer_size;) {
+        for (std::size_t dropped = 0; dropped < 64 * read_buffer_size;) {
             dropped += co_await stream_.receive_into(std::as_writable_bytes(buffer));
         }
     }
@@ -423,6 +425,7 @@ private:
     std::string out_;                       // the answer's head (and body) being written
     std::string pending_;                   // bytes after a complete request (pipelining)
     std::size_t pending_offset_ = 0;        // how much of pending_ the parser has used
+    std::unique_ptr<char[]> read_buffer_;         // see read_buffer()
     std::unique_ptr<std::byte[]> stream_buffer_;  // a streamed body's chunks (BodyWriter::scratch)
     std::uint64_t remaining_ = 0;           // bytes of the streamed body still to write
     anyio::CancelScope scope_;              // the keep-alive deadline and shutdown act on it
