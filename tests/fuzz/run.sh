@@ -6,7 +6,8 @@
 #   tests/fuzz/run.sh [SECONDS]     fuzz each target for SECONDS (default 60)
 #   tests/fuzz/run.sh --regress     only replay the seed corpora (what ctest -L fuzz runs)
 #
-# Environment: ANYIO_FUZZ_BUILD_DIR (default <repo>/build-fuzz), ANYIO_FUZZ_TARGETS (default:
+# Environment: ANYIO_FUZZ_BUILD_DIR (default <repo>/build-fuzz; reused as configured when it
+# already has ANYIO_BUILD_FUZZERS=ON and clang++), ANYIO_FUZZ_TARGETS (default:
 # every target), ANYIO_FUZZ_JOBS (build parallelism, default 2).
 #
 # Fails (non-zero exit) on any crash, model mismatch, sanitizer report, leak, or input that
@@ -34,6 +35,9 @@ esac
 
 command -v clang++ >/dev/null || { echo "run.sh: clang++ not found" >&2; exit 2; }
 
+# A build directory that is already configured with the fuzzers on (CI's clang ASan+UBSan
+# stage) is reused as it is; otherwise one is configured here.
+if ! grep -qs '^ANYIO_BUILD_FUZZERS:BOOL=ON' "$build/CMakeCache.txt"; then
 cmake -S "$root" -B "$build" -G Ninja \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_CXX_COMPILER=clang++ \
@@ -42,6 +46,7 @@ cmake -S "$root" -B "$build" -G Ninja \
     -DANYIO_BUILD_TESTS=ON \
     -DANYIO_BUILD_EXAMPLES=OFF \
     -DANYIO_BUILD_BENCHMARKS=OFF >/dev/null
+fi
 # shellcheck disable=SC2086  # targets is a list
 cmake --build "$build" -j "$jobs" --target $targets
 
