@@ -501,6 +501,7 @@ anyio::Task<void> run_checks(std::uint16_t port, SelfTest& t) {
                 (void)replies;  // only the threads matter here
             });
         }
+        co_return;  // (a coroutine: the group waits for the children)
     });
     int answered = 0;
     double async_worst_ms = 0;
