@@ -358,6 +358,26 @@ def routes_answer_with_their_bodies(s):
 
 
 @case
+def blocking_in_async_stalls_every_other_request_on_the_loop(s):
+    """/blocking-in-async?ms=600 blocks the loop: an /async sent meanwhile waits for it"""
+    with Connection(s.port) as blocker, Connection(s.port) as other:
+        other.send(request("GET", "/async"))  # the connection is accepted and served first
+        assert other.reply().body == OK
+        # 600 ms: under the main server's 1 s keep-alive timeout, which `other` is subject to.
+        blocker.send(request("GET", "/blocking-in-async?ms=600"))
+        time.sleep(0.1)  # the blocking handler is running (or about to, on a slow machine)
+        started = time.monotonic()
+        other.send(request("GET", "/async"))
+        assert other.reply().body == OK
+        waited = time.monotonic() - started
+        assert blocker.reply().json() == {"ok": True, "blocked_ms": 600}
+        # A lower bound only: the loop cannot answer before the handler ends, ~0.5 s later
+        # (0.3 s leaves room for a server slow to start the handler).
+        assert waited >= 0.3, f"/async answered after {waited * 1000:.0f} ms while the loop was blocked"
+        return f"/async waited {waited * 1000:.0f} ms behind the blocked loop"
+
+
+@case
 def file_route_refuses_paths_outside_its_directory(s):
     """GET /file serves files under --files only: no '..', absolute path, symlink out or directory"""
     assert get(s.port, "/file?path=sub/inner.txt").body == b"inner\n"
