@@ -5,6 +5,7 @@
 #include "blocking_portal.hpp"
 #include "cancel_scope.hpp"
 #include "capacity_limiter.hpp"
+#include "debug.hpp"
 #include "errors.hpp"
 #include "event.hpp"
 #include "event_loop.hpp"

@@ -36,7 +36,8 @@ namespace anyio {
 ///
 /// Thread safety: call, start_task_soon and stop may be used from any number of threads at
 /// once, except the portal's own loop thread (std::logic_error: it would deadlock). Tasks
-/// run in one task group on the portal's loop. call() allocates nothing beyond the task's
+/// run in one task group on the portal's loop; a task is named after the coroutine it runs
+/// (debug.hpp). call() allocates nothing beyond the task's
 /// frames; start_task_soon() allocates one node (the arguments are copied into it). After
 /// stop(), every call throws RunFinishedError. stop() waits for running tasks; stop(true)
 /// cancels them first. The loop thread is named and joined by stop() or the destructor.
@@ -177,7 +178,10 @@ private:
             try {
                 TaskGroup* group = tasks.group;
                 Task<R> task = std::apply(node->fn, node->args);
-                group->start_soon(run_task(std::move(task), std::move(node)));
+                const char* function = task.function_name();  // the task is named after it
+                Task<void> body = run_task(std::move(task), std::move(node));
+                body.set_function_name(function);
+                group->start_soon(std::move(body));
             } catch (...) {
                 error = std::current_exception();
             }

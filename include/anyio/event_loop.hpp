@@ -8,6 +8,8 @@
 #include <coroutine>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <exception>
 #include <functional>
@@ -15,6 +17,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -23,6 +26,7 @@
 #include <sys/prctl.h>
 
 #include "detail/intrusive_list.hpp"
+#include "detail/loop_monitor.hpp"
 #include "detail/loop_thread.hpp"
 #include "detail/poller.hpp"
 #include "detail/remote_inbox.hpp"
@@ -52,7 +56,71 @@ public:
 template <class Service>
 inline const char service_key = 0;
 
+/// The default of LoopOptions::slow_callback_duration: 100 ms when the environment has
+/// ANYIO_DEBUG set to something other than "" or "0" (as PYTHONASYNCIODEBUG), else off.
+inline std::optional<std::chrono::steady_clock::duration> debug_slow_callback_duration() {
+    const char* debug = std::getenv("ANYIO_DEBUG");
+    if (debug == nullptr || *debug == '\0' || std::strcmp(debug, "0") == 0) return std::nullopt;
+    return std::chrono::milliseconds(100);
+}
+
+/// How a task is called in TaskInfo and in messages: its name, or "task-<id>" when it has
+/// none (a lambda's "operator()" counts as none).
+inline std::string task_display_name(const char* name, std::uint64_t id) {
+    if (name == nullptr || *name == '\0' || std::strcmp(name, "operator()") == 0) {
+        return "task-" + std::to_string(id);
+    }
+    return name;
+}
+
+/// How EventLoop::spawn names a new task and whose child it is.
+struct SpawnInfo {
+    std::string_view name{};             // a given name, copied into the task's block
+    const TaskState* parent = nullptr;   // the task that starts it; nullptr: none
+};
+
 }  // namespace detail
+
+/// What anyio::get_current_task() and get_running_tasks() (debug.hpp) report about a task
+/// (anyio's TaskInfo). A snapshot: it owns its strings and stays valid after the task ends.
+struct TaskInfo {
+    /// Unique among the tasks of its loop, from 1 in the order they were started.
+    std::uint64_t id = 0;
+    /// The name given with anyio::named(), else the coroutine function's name where the
+    /// compiler gives it ("fetch_user"), else "task-<id>".
+    std::string name;
+    /// The task that started it (a task group's host task, the task whose worker called
+    /// from_thread::run); empty for a loop's main task and for tasks started from other threads.
+    std::optional<std::uint64_t> parent_id;
+
+    friend bool operator==(const TaskInfo& a, const TaskInfo& b) noexcept { return a.id == b.id; }
+};
+
+/// One report of the blocked-loop detector (LoopOptions::slow_callback_duration).
+struct SlowCallbackInfo {
+    /// The task whose step blocked the loop; empty for a plain callback (call_soon, a timer,
+    /// a from_thread::run_sync call running on the loop).
+    std::optional<TaskInfo> task;
+    /// How long the step kept the loop; while still_running, how long so far.
+    std::chrono::steady_clock::duration duration{};
+    /// True for the watchdog's report of a step that is still running (3x the threshold).
+    bool still_running = false;
+
+    /// The line the default handler prints (without the newline), e.g. "anyio: task 'handler'
+    /// (id 12) blocked the event loop for 0.250 s; move blocking calls into
+    /// to_thread::run_sync". Allocates.
+    [[nodiscard]] std::string message() const {
+        std::string what = task ? "task '" + task->name + "' (id " + std::to_string(task->id) + ")"
+                                : std::string("a callback");
+        char seconds[48];
+        std::snprintf(seconds, sizeof seconds, "%.3f s",
+                      std::chrono::duration<double>(duration).count());
+        return "anyio: " + what +
+               (still_running ? " has been blocking the event loop for " : " blocked the event loop for ") +
+               seconds + (still_running ? " and is still running" : "") +
+               "; move blocking calls into to_thread::run_sync";
+    }
+};
 
 /// Settings of one event loop (an aggregate: use designated initializers, in this order).
 struct LoopOptions {
@@ -81,6 +149,19 @@ struct LoopOptions {
     /// call_soon_threadsafe callback (asyncio's exception handler). It never replaces what
     /// run() returns. Empty: one line on stderr. An exception it throws is dropped.
     std::function<void(std::exception_ptr)> on_callback_error{};
+    /// The blocked-loop detector (asyncio's slow_callback_duration): a task step or callback
+    /// that keeps the loop this long or longer is reported to on_slow_callback once it ends,
+    /// and one still running after 3 times this long is reported while it runs, by a watchdog
+    /// thread (once per step). Empty: off, with no thread and no clock read per step. Default:
+    /// off, or 100 ms when the environment has ANYIO_DEBUG=1 (read when the Options object is
+    /// made). On, each step costs two clock reads.
+    std::optional<std::chrono::steady_clock::duration> slow_callback_duration =
+        detail::debug_slow_callback_duration();
+    /// Called with each report of the detector: on the loop thread for a step that has ended,
+    /// on the watchdog thread for one still running (SlowCallbackInfo::still_running), so it
+    /// must be thread-safe and must not call into the loop. Empty: prints
+    /// SlowCallbackInfo::message() as one line on stderr. An exception it throws is dropped.
+    std::function<void(const SlowCallbackInfo&)> on_slow_callback{};
 };
 
 /// A copyable handle to a loop that any thread may hold, even after the loop has finished:
@@ -134,6 +215,9 @@ private:
 /// are shut down while the loop still processes completions, then the remote inbox is closed
 /// (later posts throw RunFinishedError), and every task frame still alive is destroyed.
 /// After that call_soon and call_at throw RunFinishedError.
+/// Debugging: every task has an id and a name (debug.hpp); with Options::slow_callback_duration
+/// set, run() times each step and keeps a watchdog thread for its duration (detail/
+/// loop_monitor.hpp); with it unset (the default) there is no such thread and no timing.
 class EventLoop {
 public:
     using clock = std::chrono::steady_clock;
@@ -238,18 +322,31 @@ public:
 
     /// Starts `body` as a new task (scheduled, not yet run). `on_done(owner, task)` is called
     /// on the loop when it ends (task.outcome_ and task.error_ say how), where nothing may
-    /// throw. The TaskState lives in the task's root block (one allocation: bad_alloc leaves
-    /// nothing started). Loop thread (or its owner before run()).
+    /// throw. The TaskState lives in the task's root block (one allocation, with the given
+    /// name if any: bad_alloc leaves nothing started). The task is named `info.name`, else
+    /// after `body.function_name()`. Loop thread (or its owner before run()).
     detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
-                             void* owner = nullptr) {
+                             void* owner = nullptr, const detail::SpawnInfo& info = {}) {
         require_loop_thread("spawn");
-        auto* task = new detail::RootTask(body.release());  // nothing else can throw
+        const char* function = body.function_name();
+        auto* task = detail::RootTask::create(body.release(), info.name);  // nothing else throws
         task->loop_ = this;
         task->on_done_ = on_done;
         task->owner_ = owner;
+        task->id_ = ++last_task_id_;
+        task->parent_id_ = info.parent != nullptr ? info.parent->id_ : 0;
+        // relaxed: see TaskState::name_ (the task is not running yet).
+        if (info.name.empty()) task->name_.store(function, std::memory_order_relaxed);
         live_tasks_.push_back(*task);
         ready_.push(task);
         return *task;
+    }
+
+    /// Calls `fn(task)` for every task of this loop that has not ended, oldest first. `fn`
+    /// must not start or end tasks. Loop thread.
+    template <class F>
+    void for_each_task(F&& fn) {
+        live_tasks_.for_each([&](detail::TaskState& task) { fn(task); });
     }
 
     /// The loop's instance of `Service` (created on first use, destroyed with the loop).
@@ -310,7 +407,16 @@ private:
         std::unique_ptr<detail::LoopService> service;
     };
 
-    void run_once();
+    void run_once() {
+        if (monitor_ == nullptr) [[likely]] {
+            run_turn<false>();
+        } else {
+            run_turn<true>();
+        }
+    }
+    template <bool Monitored>
+    void run_turn();
+    template <bool Monitored>
     void fire_due_timers(time_point now);
     void park(time_point now);
     void shutdown() noexcept;
@@ -327,6 +433,23 @@ private:
             report_callback_error(std::current_exception());
         }
     }
+    /// One step: run_node, timed by the blocked-loop detector when it is on.
+    template <bool Monitored>
+    void run_step(detail::Runnable* node) noexcept {
+        if constexpr (Monitored) {
+            detail::TaskState* task = node->invoke_ == &detail::run_task
+                                          ? static_cast<detail::TaskState*>(node)
+                                          : nullptr;
+            monitor_->begin_step(task);
+            run_node(node);
+            monitor_->end_step();
+        } else {
+            run_node(node);
+        }
+    }
+    void start_monitor();
+    void stop_monitor() noexcept;
+    static void report_slow_step(void* loop, const detail::SlowStep& step) noexcept;
 
     Options options_;
     std::shared_ptr<detail::LoopShared> shared_;
@@ -337,6 +460,8 @@ private:
     std::vector<ServiceEntry> services_;
     std::int64_t remote_in_flight_ = 0;
     detail::SpinPolicy spin_;
+    std::unique_ptr<detail::LoopMonitor> monitor_;  // the blocked-loop detector, while on
+    std::uint64_t last_task_id_ = 0;
     std::atomic<std::thread::id> owner_;  // the thread that may use the loop before it runs
     bool running_ = false;                // loop thread only (as finished_)
     bool finished_ = false;
@@ -405,25 +530,35 @@ T EventLoop::run(Task<T> main) {
         EventLoop* loop;
         int previous_slack;
         ~Leave() {
+            loop->stop_monitor();
             if (!loop->finished_) loop->close_without_running();
             if (previous_slack > 0) {
                 ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_slack), 0, 0, 0);
             }
         }
     } leave{this, previous_slack};
-    spawn(detail::deliver_result<T>(std::move(main), &state.result),
+    // The main task is named after `main`'s coroutine, not after the wrapper that delivers
+    // its result.
+    const char* main_function = main.function_name();
+    Task<void> body = detail::deliver_result<T>(std::move(main), &state.result);
+    body.set_function_name(main_function);
+    spawn(std::move(body),
           [](void* owner, detail::TaskState& task) {
               auto* main_state = static_cast<MainState*>(owner);
               if (task.error_) main_state->result.set_exception(task.error_);
               main_state->done = true;
           },
           &state);
+    if (options_.slow_callback_duration) start_monitor();
     run_until([&] { return state.done; });
     shutdown();
     return state.result.take();
 }
 
-inline void EventLoop::run_once() {
+// One loop turn. Monitored: every step is timed by the blocked-loop detector (a separate
+// instantiation, so that with the detector off a turn costs what it did without one).
+template <bool Monitored>
+void EventLoop::run_turn() {
     // Sleep first when there is nothing to do, so the caller's predicate is checked after
     // every batch of work and before any wait.
     if (ready_.empty() && !shared_->has_posts()) park(clock::now());
@@ -431,14 +566,14 @@ inline void EventLoop::run_once() {
     if (auto chain = shared_->take_all(); chain.first != nullptr) {
         for (detail::Runnable* node = chain.first; node != nullptr;) {
             detail::Runnable* next = node->next_;  // read first: running may free the node
-            run_node(node);
+            run_step<Monitored>(node);
             node = next;
         }
     }
     // The clock is read only when a timer may be due: a turn that only hands work between
     // tasks (streams, locks) costs no clock read.
     if (!timers_.empty()) {
-        fire_due_timers(clock::now());
+        fire_due_timers<Monitored>(clock::now());
     } else {
         timers_.shrink_if_sparse();  // a burst of timers that all went away gives memory back
     }
@@ -448,22 +583,68 @@ inline void EventLoop::run_once() {
     }
     // Run what is ready now; what these schedule runs on the next turn, after I/O and timers.
     detail::RunQueue batch = std::exchange(ready_, detail::RunQueue{});
-    while (detail::Runnable* node = batch.pop()) run_node(node);
+    while (detail::Runnable* node = batch.pop()) run_step<Monitored>(node);
 }
 
-inline void EventLoop::fire_due_timers(time_point now) {
+template <bool Monitored>
+void EventLoop::fire_due_timers(time_point now) {
     // Only the timers due when the pass began: one that re-arms itself in the past (a deadline
     // computed with an overflow, say) fires once per loop turn, and tasks still run between.
     timers_.begin_pass(now);
     while (detail::TimerNode* timer = timers_.pass_due()) {
         timers_.remove(timer);
+        if constexpr (Monitored) monitor_->begin_step(nullptr);
         try {
             timer->fire_(timer, true);
         } catch (...) {
             report_callback_error(std::current_exception());
         }
+        if constexpr (Monitored) monitor_->end_step();
     }
     timers_.shrink_if_sparse();
+}
+
+/// Turns the detector on for this run (run() calls it when slow_callback_duration is set):
+/// the monitor, the watchdog thread, and the hook a task's end goes through.
+inline void EventLoop::start_monitor() {
+    auto monitor = std::make_unique<detail::LoopMonitor>(*options_.slow_callback_duration,
+                                                         &EventLoop::report_slow_step, this);
+    monitor->start();  // std::system_error: run() fails before anything ran
+    detail::task_end_watcher = monitor->watcher();
+    monitor_ = std::move(monitor);
+}
+
+/// Stops the watchdog (before the frames of suspended tasks are destroyed, which it must not
+/// see) and turns the detector off.
+inline void EventLoop::stop_monitor() noexcept {
+    if (monitor_ == nullptr) return;
+    monitor_->stop();
+    detail::task_end_watcher = nullptr;
+    monitor_.reset();
+}
+
+/// Turns the monitor's report into a SlowCallbackInfo for Options::on_slow_callback (or the
+/// default line on stderr). Loop thread, or the watchdog thread: reads only the options.
+inline void EventLoop::report_slow_step(void* loop, const detail::SlowStep& step) noexcept {
+    const Options& options = static_cast<EventLoop*>(loop)->options_;
+    try {
+        SlowCallbackInfo info;
+        info.duration = step.duration;
+        info.still_running = step.still_running;
+        if (step.has_task) {
+            info.task = TaskInfo{step.task_id, detail::task_display_name(step.task_name, step.task_id),
+                                 step.parent_id != 0 ? std::optional<std::uint64_t>(step.parent_id)
+                                                     : std::nullopt};
+        }
+        if (options.on_slow_callback) {
+            options.on_slow_callback(info);
+        } else {
+            const std::string line = info.message() + "\n";
+            std::fputs(line.c_str(), stderr);
+        }
+    } catch (...) {
+        // Out of memory, or the handler threw: a report is not worth more than the loop.
+    }
 }
 
 inline void EventLoop::park(time_point now) {
@@ -528,6 +709,7 @@ inline void EventLoop::shutdown() noexcept {
             report_callback_error(std::current_exception());
         }
     }
+    stop_monitor();
     close_without_running();
 }
 

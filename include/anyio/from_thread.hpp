@@ -184,26 +184,32 @@ private:
 
     void start(EventLoop& loop) {
         Task<R> task = std::apply(fn_, args_);  // creates the frame; nothing runs yet
+        const char* function = task.function_name();  // the task is named after it
         if (const auto* portal = std::get_if<InPortal>(&where_)) {
             PortalTasks& tasks = *portal->tasks;
             if (tasks.stopped || tasks.group == nullptr) throw RunFinishedError();
-            tasks.group->start_soon(deliver(std::move(task), this));
+            Task<void> body = deliver(std::move(task), this);
+            body.set_function_name(function);
+            tasks.group->start_soon(std::move(body));
             return;
         }
         anyio::detail::JobBase* job = std::get<UnderCaller>(where_).job;
         CancelScope* parent = nullptr;
+        anyio::detail::SpawnInfo info;
         if (job != nullptr) {
             if (job->caller_left()) {
                 scope_.cancel();  // the host was cancelled and left: so is this call
             } else {
                 parent = job->host_scope_;
+                info.parent = job->host_;  // the task that called run_sync
             }
         }
         Task<void> body = deliver(std::move(task), this);
+        body.set_function_name(function);
         scope_.activate(loop, parent);
         if (job != nullptr) job->call_scope_ = &scope_;
         try {
-            scope_.adopt(loop.spawn(std::move(body)));
+            scope_.adopt(loop.spawn(std::move(body), nullptr, nullptr, info));
         } catch (...) {
             // Out of memory: unlink the scope (it lives on the caller's stack) before the
             // caller is released with the error.
