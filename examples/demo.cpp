@@ -230,65 +230,44 @@ anyio::Task<> heartbeat(Heartbeat& beat) {
 }
 
 // ---- The blocked-loop detector --------------------------------------------------------------
-// >>> detector hook: LoopOptions::slow_callback_duration / on_slow_callback (anyio/debug.hpp).
-// Without them (an anyio older than the detector), act 1 measures its steps itself.
-#if __has_include(<anyio/debug.hpp>)
-#define ANYIO_DEMO_HAS_DETECTOR 1
-#else
-#define ANYIO_DEMO_HAS_DETECTOR 0
-#endif
-// Reports arrive on the loop thread, or on the detector's watchdog thread for a step still
-// running: hence the mutex.
+// LoopOptions::slow_callback_duration turns it on; on_slow_callback receives its reports, on
+// the loop thread, or on the detector's watchdog thread for a step still running (hence the
+// mutex). The demo keeps the first report of each act and counts the others.
 struct SlowReports {
     std::mutex mutex;
     int act = 0;
-    std::array<int, 4> count{};
+    std::array<int, 4> ended{};          // steps reported once they ended
+    std::array<int, 4> still_running{};  // the watchdog's reports of steps still running
     std::array<std::string, 4> first;
 };
 SlowReports slow_reports;
 
-void report_slow_step(std::string message) {
+void on_slow_callback(const anyio::SlowCallbackInfo& info) {
     std::lock_guard lock(slow_reports.mutex);
     const auto act = static_cast<std::size_t>(slow_reports.act);
-    if (slow_reports.count[act]++ == 0) slow_reports.first[act] = std::move(message);
-}
-
-#if ANYIO_DEMO_HAS_DETECTOR
-void on_slow_callback(const anyio::SlowCallbackInfo& info) { report_slow_step(info.message()); }
-void set_up_detector(anyio::EventLoop::Options& options) {
-    set_up_detector(options);
-}
-/// The loop measures every step itself.
-struct StepTimer {
-    explicit StepTimer(int) {}
-};
-#else
-void set_up_detector(anyio::EventLoop::Options&) {}
-/// Measures one step of a request task, as the detector would.
-struct StepTimer {
-    explicit StepTimer(int id) : id_(id) {}
-    StepTimer(const StepTimer&) = delete;
-    StepTimer& operator=(const StepTimer&) = delete;
-    ~StepTimer() {
-        const auto took = Clock::now() - start_;
-        if (took >= kSlowStep) {
-            report_slow_step(fmt::format("request {} blocked the event loop for {:.3f} s "
-                                         "(measured by the demo: this anyio has no "
-                                         "blocked-loop detector)",
-                                         id_, seconds(took)));
-        }
+    if (slow_reports.ended[act] + slow_reports.still_running[act] == 0) {
+        slow_reports.first[act] = info.message();
     }
+    ++(info.still_running ? slow_reports.still_running : slow_reports.ended)[act];
+}
 
-private:
-    int id_;
-    Clock::time_point start_ = Clock::now();
-};
-#endif
-// <<< detector hook
-
-int slow_count(int act) {
+/// Prints what the detector reported during `act`, if anything.
+void tell_slow_reports(int act, bool expected) {
     std::lock_guard lock(slow_reports.mutex);
-    return slow_reports.count[static_cast<std::size_t>(act)];
+    const auto i = static_cast<std::size_t>(act);
+    const int ended = slow_reports.ended[i];
+    const int running = slow_reports.still_running[i];
+    if (ended + running == 0) return;
+    std::string watchdog;
+    if (running > 0) {
+        watchdog = fmt::format(" (and {} from its watchdog, while a step was still running)",
+                               running);
+    }
+    say(fmt::format("The blocked-loop detector reported {} task step{} of {} or longer{}{}; the "
+                    "first:",
+                    ended, ended == 1 ? "" : "s", glued(fmt::format("{} ms", kSlowStep.count())),
+                    expected && ended == kRequests ? ", one per request" : "", watchdog));
+    say(slow_reports.first[i], 4);
 }
 
 // ---- One act --------------------------------------------------------------------------------
@@ -318,8 +297,9 @@ struct Act {
             middle = fmt::format("running {:3}  waiting {:3}", limiter.borrowed_tokens,
                                  limiter.tasks_waiting);
         }
-        return fmt::format("{:<24} | threads {:3} | heartbeat lag {:>7}", middle, pool.workers,
-                           lag_text(beat.lag_so_far()));
+        const auto lag = beat.lag_so_far();
+        return fmt::format("{:<24} | threads {:3} | heartbeat lag {}", middle, pool.workers,
+                           paint(fmt::format("{:>7}", lag_text(lag)), lag > 50ms ? kBad : kGood));
     }
     void draw(bool final = false) {
         // relaxed: a progress count (see blocking_query).
@@ -337,10 +317,7 @@ struct Act {
 
 anyio::Task<> request(Act& act, int id) {
     if (act.mode == Mode::on_the_loop) {
-        {
-            StepTimer step(id);
-            blocking_query(act.probe, id);  // the mistake act 1 shows
-        }
+        blocking_query(act.probe, id);  // the mistake act 1 shows
         act.draw();  // the loop's own redraw task cannot run: it is blocked too
     } else {
         co_await anyio::to_thread::run_sync(blocking_query, std::ref(act.probe), id);
@@ -366,12 +343,8 @@ anyio::Task<> run_act(Act& act) {
         tg.start_soon(redraw(act));
         co_await anyio::task_group([&](anyio::TaskGroup& requests) -> anyio::Task<> {
             for (int id = 1; id <= kRequests; ++id) {
-#if ANYIO_DEMO_HAS_DETECTOR
-                const std::string name = fmt::format("request {}", id);  // in its reports
+                const std::string name = fmt::format("request {}", id);  // in the reports
                 requests.start_soon(anyio::named(name), request, std::ref(act), id);
-#else
-                requests.start_soon(request, std::ref(act), id);
-#endif
             }
             co_return;
         });
@@ -454,14 +427,11 @@ anyio::Task<int> amain() {
     say(fmt::format("Each request makes one blocking call: {} of std::this_thread::sleep_for, "
                     "standing in for a database driver, a file read or a CPU-heavy function. A "
                     "heartbeat task shares the loop: it asks to wake every {}, and its lag (how "
-                    "late it wakes) is how long every other task on the loop had to wait.{}",
+                    "late it wakes) is how long every other task on the loop had to wait. The "
+                    "blocked-loop detector is on (Options::slow_callback_duration = {}).",
                     glued(fmt::format("{} ms", kWork.count())),
                     glued(fmt::format("{} ms", kBeat.count())),
-                    ANYIO_DEMO_HAS_DETECTOR
-                        ? fmt::format(" The blocked-loop detector is on "
-                                      "(Options::slow_callback_duration = {}).",
-                                      glued(fmt::format("{} ms", kSlowStep.count())))
-                        : std::string()),
+                    glued(fmt::format("{} ms", kSlowStep.count()))),
         0);
 
     // ---- Act 1: the mistake ----
@@ -477,14 +447,7 @@ anyio::Task<int> amain() {
                     seconds(one.wall), kRequests, kRequests, kWork.count(),
                     glued(fmt::format("{} ms", kBeat.count())),
                     paint(Act::lag_words(one.beat.worst), kBad)));
-    if (const int reports = slow_count(1); reports > 0) {
-        say(fmt::format("{} {} task steps of {} or longer; the first:",
-                        ANYIO_DEMO_HAS_DETECTOR ? "The blocked-loop detector reported"
-                                                : "The demo timed its steps itself and found",
-                        reports, glued(fmt::format("{} ms", kSlowStep.count()))));
-        std::lock_guard lock(slow_reports.mutex);
-        say(slow_reports.first[1], 4);
-    }
+    tell_slow_reports(1, true);
 
     // ---- Act 2: the fix ----
     Act two;
@@ -504,6 +467,7 @@ anyio::Task<int> amain() {
                     paint(fmt::format("{}", two.probe.peak.load()), kGood), kRequests - tokens,
                     waves_sentence(waves_two), paint(Act::lag_words(two.beat.worst), kGood),
                     Act::lag_words(one.beat.worst), tokens));
+    tell_slow_reports(2, false);  // none, unless the machine stalled the loop
 
     // ---- Act 3: tuning ----
     Act three;
@@ -524,6 +488,7 @@ anyio::Task<int> amain() {
                     paint(fmt::format("{}", three.probe.peak.load()), kGood),
                     count_word(waves_three.size()), waves_three.size() == 1 ? "" : "s",
                     count_word(waves_two.size()), alive_before, three.threads_created));
+    tell_slow_reports(3, false);
     say(fmt::format("Idle worker threads stop after max_idle_time (10 s by default, {} in "
                     "this demo):",
                     glued(fmt::format("{} ms", kMaxIdle.count()))));
@@ -573,6 +538,7 @@ int main() {
     term = detect_terminal();
     anyio::EventLoop::Options options;
     options.max_idle_time = kMaxIdle;  // so act 3 can show the reaping within the demo
-    set_up_detector(options);
+    options.slow_callback_duration = kSlowStep;  // the blocked-loop detector, for act 1
+    options.on_slow_callback = on_slow_callback;
     return anyio::run(amain(), options);
 }
