@@ -22,7 +22,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -41,7 +40,7 @@ namespace {
 constexpr int kRequests = 100;
 constexpr auto kWork = 40ms;          // each blocking call
 constexpr auto kBeat = 10ms;          // the heartbeat's period
-constexpr auto kSlowStep = 20ms;      // the blocked-loop detector's threshold
+constexpr auto kSlowStep = 30ms;      // the blocked-loop detector's threshold (< kWork)
 constexpr auto kMaxIdle = 300ms;      // the pool's max_idle_time (10 s by default)
 constexpr int kWidth = 98;            // no output line is wider
 
@@ -263,10 +262,18 @@ void tell_slow_reports(int act, bool expected) {
         watchdog = fmt::format(" (and {} from its watchdog, while a step was still running)",
                                running);
     }
-    say(fmt::format("The blocked-loop detector reported {} task step{} of {} or longer{}{}; the "
-                    "first:",
-                    ended, ended == 1 ? "" : "s", glued(fmt::format("{} ms", kSlowStep.count())),
-                    expected && ended == kRequests ? ", one per request" : "", watchdog));
+    if (expected) {
+        say(fmt::format("The blocked-loop detector reported {} task step{} of {} or longer{}{}; "
+                        "the first:",
+                        ended, ended == 1 ? "" : "s",
+                        glued(fmt::format("{} ms", kSlowStep.count())),
+                        ended == kRequests ? ", one per request" : "", watchdog));
+    } else {
+        say(fmt::format("On this run the detector also flagged {} step{} of {} or longer{} (on a "
+                        "busy machine any step can be delayed); the first:",
+                        ended, ended == 1 ? "" : "s",
+                        glued(fmt::format("{} ms", kSlowStep.count())), watchdog));
+    }
     say(slow_reports.first[i], 4);
 }
 
@@ -455,6 +462,8 @@ anyio::Task<int> amain() {
     two.mode = Mode::run_sync;
     act_title(2, "the same calls through co_await to_thread::run_sync, default 40 tokens");
     co_await run_act(two);
+    // The peaks below are read with relaxed loads: every call's completion, which run_sync
+    // hands to the loop with acquire/release, came before this point.
     const auto tokens = anyio::to_thread::current_default_thread_limiter().total_tokens();
     const std::vector<std::string> waves_two = waves(two.probe);
     say(fmt::format("{:.2f} s. Each call borrowed one of the default limiter's {} tokens for as "
@@ -464,7 +473,7 @@ anyio::Task<int> amain() {
                     "The tokens bound how many threads block at once: 10,000 requests would "
                     "still use {} threads, and queue the rest.",
                     seconds(two.wall), tokens, tokens,
-                    paint(fmt::format("{}", two.probe.peak.load()), kGood), kRequests - tokens,
+                    paint(fmt::format("{}", two.probe.peak.load(std::memory_order_relaxed)), kGood), kRequests - tokens,
                     waves_sentence(waves_two), paint(Act::lag_words(two.beat.worst), kGood),
                     Act::lag_words(one.beat.worst), tokens));
     tell_slow_reports(2, false);  // none, unless the machine stalled the loop
@@ -485,7 +494,7 @@ anyio::Task<int> amain() {
                     "resource with its own bound (10 database connections) its own "
                     "CapacityLimiter(10).",
                     seconds(three.wall), kRequests,
-                    paint(fmt::format("{}", three.probe.peak.load()), kGood),
+                    paint(fmt::format("{}", three.probe.peak.load(std::memory_order_relaxed)), kGood),
                     count_word(waves_three.size()), waves_three.size() == 1 ? "" : "s",
                     count_word(waves_two.size()), alive_before, three.threads_created));
     tell_slow_reports(3, false);
