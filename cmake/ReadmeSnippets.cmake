@@ -82,7 +82,8 @@ function(anyio_add_readme_snippets readme)
             add_dependencies(readme_snippets readme_snippet_${n})
         endforeach()
     endif()
-    message(STATUS "anyio: ${count} C++ snippets of README.md compiled (block:first line):"
+    get_filename_component(readme_name "${readme}" NAME)
+    message(STATUS "anyio: ${count} C++ snippets of ${readme_name} compiled (block:first line):"
         "${summary}")
 endfunction()
 
