@@ -18,6 +18,7 @@
 
 #include "event.hpp"
 #include "event_loop.hpp"
+#include "detail/context_data.hpp"
 #include "detail/signal_mask.hpp"
 #include "detail/worker_thread.hpp"
 #include "from_thread.hpp"
@@ -36,8 +37,9 @@ namespace anyio {
 ///
 /// Thread safety: call, start_task_soon and stop may be used from any number of threads at
 /// once, except the portal's own loop thread (std::logic_error: it would deadlock). Tasks
-/// run in one task group on the portal's loop; a task is named after the coroutine it runs
-/// (debug.hpp). call() allocates nothing beyond the task's
+/// run in one task group on the portal's loop; every call (a task or a plain callable) runs
+/// in a copy of the calling thread's context (context variables, context.hpp), and a task is
+/// named after the coroutine it runs (debug.hpp). call() allocates nothing beyond the task's
 /// frames; start_task_soon() allocates one node (the arguments are copied into it). After
 /// stop(), every call throws RunFinishedError. stop() waits for running tasks; stop(true)
 /// cancels them first. The loop thread is named and joined by stop() or the destructor.
@@ -165,7 +167,8 @@ private:
         template <class Fn, class... As>
         SpawnNode(State* state, Fn&& fn, As&&... args)
             : Runnable(&invoke), state(state), fn(std::forward<Fn>(fn)),
-              args(std::forward<As>(args)...) {}
+              args(std::forward<As>(args)...),
+              context(detail::ContextRef::share(detail::current_context())) {}
 
         static void invoke(detail::Runnable* self, bool run) {
             std::unique_ptr<SpawnNode> node(static_cast<SpawnNode*>(self));
@@ -176,6 +179,8 @@ private:
             }
             std::exception_ptr error;
             try {
+                // The task starts with (a copy of) the calling thread's context.
+                detail::ContextScope in_context(std::move(node->context));
                 TaskGroup* group = tasks.group;
                 Task<R> task = std::apply(node->fn, node->args);
                 const char* function = task.function_name();  // the task is named after it
@@ -197,6 +202,7 @@ private:
         F fn;
         std::tuple<Args...> args;
         std::promise<R> promise;
+        detail::ContextRef context;  // the calling thread's, until the task starts
     };
 
     explicit BlockingPortal(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}

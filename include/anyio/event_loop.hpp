@@ -25,6 +25,7 @@
 
 #include <sys/prctl.h>
 
+#include "detail/context_data.hpp"
 #include "detail/intrusive_list.hpp"
 #include "detail/loop_monitor.hpp"
 #include "detail/loop_thread.hpp"
@@ -62,6 +63,17 @@ inline std::optional<std::chrono::steady_clock::duration> debug_slow_callback_du
     const char* debug = std::getenv("ANYIO_DEBUG");
     if (debug == nullptr || *debug == '\0' || std::strcmp(debug, "0") == 0) return std::nullopt;
     return std::chrono::milliseconds(100);
+}
+
+/// `fn` bound to a copy of the context of the code calling this: it runs in that copy (as
+/// asyncio runs a call_soon callback in the context current at the call).
+template <class F>
+auto in_current_context(F&& fn) {
+    return [context = ContextRef::share(current_context()),
+            fn = std::decay_t<F>(std::forward<F>(fn))]() mutable {
+        ContextScope scope(std::move(context));
+        fn();
+    };
 }
 
 /// How a task is called in TaskInfo and in messages: its name, or "task-<id>" when it has
@@ -171,10 +183,11 @@ class LoopToken {
 public:
     LoopToken() noexcept = default;
 
-    /// Runs `fn()` on the loop thread soon (any thread; allocates one node).
+    /// Runs `fn()` on the loop thread soon (any thread; allocates one node), in a copy of the
+    /// calling code's context (context variables: context.hpp), as asyncio does.
     template <class F>
     void call_soon_threadsafe(F&& fn) const {
-        detail::Runnable* node = detail::make_callback(std::forward<F>(fn));
+        detail::Runnable* node = detail::make_callback(detail::in_current_context(std::forward<F>(fn)));
         if (!post(node)) {
             node->invoke_(node, false);
             throw RunFinishedError();
@@ -255,11 +268,13 @@ public:
     /// Runs `fn()` on the loop soon, after what is already scheduled. Loop thread only (or,
     /// before the loop runs, the thread that created it: std::logic_error otherwise); throws
     /// RunFinishedError once run() has finished. Allocates one node. An exception escaping
-    /// `fn` goes to Options::on_callback_error.
+    /// `fn` goes to Options::on_callback_error. `fn` runs in a copy of the calling code's
+    /// context (context variables, context.hpp), as in asyncio; so do call_soon_threadsafe's
+    /// and call_at's callbacks.
     template <class F>
     void call_soon(F&& fn) {
         require_loop_thread("call_soon");
-        ready_.push(detail::make_callback(std::forward<F>(fn)));
+        ready_.push(detail::make_callback(detail::in_current_context(std::forward<F>(fn))));
     }
 
     /// Runs `fn()` on the loop thread soon; any thread. Lock-free: one CAS, plus a wake-up
@@ -273,7 +288,7 @@ public:
     template <class F>
     void call_at(time_point when, F&& fn) {
         require_loop_thread("call_at");
-        using Fn = std::decay_t<F>;
+        using Fn = decltype(detail::in_current_context(std::forward<F>(fn)));
         struct Node final : detail::TimerNode {
             explicit Node(Fn&& f) : TimerNode(&fire), fn(std::move(f)) {}
             static void fire(TimerNode* self, bool run) {
@@ -282,7 +297,7 @@ public:
             }
             Fn fn;
         };
-        auto node = std::make_unique<Node>(Fn(std::forward<F>(fn)));
+        auto node = std::make_unique<Node>(detail::in_current_context(std::forward<F>(fn)));
         add_timer(node.get(), when);
         node.release();
     }
@@ -324,7 +339,8 @@ public:
     /// on the loop when it ends (task.outcome_ and task.error_ say how), where nothing may
     /// throw. The TaskState lives in the task's root block (one allocation, with the given
     /// name if any: bad_alloc leaves nothing started). The task is named `info.name`, else
-    /// after `body.function_name()`. Loop thread (or its owner before run()).
+    /// after `body.function_name()`; it runs in a copy of the calling code's context (the
+    /// running task's, or this thread's). Loop thread (or its owner before run()).
     detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
                              void* owner = nullptr, const detail::SpawnInfo& info = {}) {
         require_loop_thread("spawn");
@@ -337,6 +353,8 @@ public:
         task->parent_id_ = info.parent != nullptr ? info.parent->id_ : 0;
         // relaxed: see TaskState::name_ (the task is not running yet).
         if (info.name.empty()) task->name_.store(function, std::memory_order_relaxed);
+        task->context_ = detail::current_context();
+        retain(task->context_);
         live_tasks_.push_back(*task);
         ready_.push(task);
         return *task;

@@ -14,6 +14,7 @@
 #include <variant>
 
 #include "cancel_scope.hpp"
+#include "detail/context_data.hpp"
 #include "detail/remote_inbox.hpp"
 #include "detail/result.hpp"
 #include "detail/runnable.hpp"
@@ -89,10 +90,14 @@ inline Target resolve(const LoopToken& token, const char* what) {
 }
 
 /// A call parked on the calling thread's stack until the loop has handled it: no allocation.
+/// It runs in a copy of the calling thread's context (context variables: a worker's is its
+/// job's, a copy of the context of the task that called run_sync).
 template <class R>
 class BlockingCall : public anyio::detail::Runnable {
 public:
-    explicit BlockingCall(Invoke invoke) noexcept : Runnable(invoke) {}
+    explicit BlockingCall(Invoke invoke) noexcept
+        : Runnable(invoke),
+          context_(anyio::detail::ContextRef::share(anyio::detail::current_context())) {}
 
     /// Posts the call and blocks until the loop finishes it; returns or rethrows.
     R post_and_wait(anyio::detail::LoopShared& loop) {
@@ -113,6 +118,10 @@ public:
     }
 
     anyio::detail::Result<R> result_;
+
+protected:
+    /// The caller's context, taken over (on the loop) by the code that runs the call.
+    anyio::detail::ContextRef context_;
 
 private:
     void wait() noexcept {
@@ -141,7 +150,10 @@ public:
 private:
     static void invoke(anyio::detail::Runnable* self, bool run) {
         auto* call = static_cast<SyncCall*>(self);
-        if (run) call->result_.capture([call]() -> R { return std::apply(call->fn_, call->args_); });
+        if (run) {
+            anyio::detail::ContextScope in_context(std::move(call->context_));
+            call->result_.capture([call]() -> R { return std::apply(call->fn_, call->args_); });
+        }
         call->finish();
     }
     F& fn_;
@@ -170,6 +182,8 @@ private:
         }
         std::exception_ptr error;
         try {
+            // The task starts with (a copy of) the caller's context.
+            anyio::detail::ContextScope in_context(std::move(call->context_));
             call->start(*EventLoop::current());
         } catch (...) {
             error = std::current_exception();

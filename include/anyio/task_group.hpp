@@ -40,7 +40,8 @@ Task<void> task_group(F body);
 /// Loop-thread only: start_soon (and cancel_scope().cancel()) throw std::logic_error on
 /// another thread. Each child costs its own coroutine frames plus one block for the loop's
 /// bookkeeping (holding its name, if one is given), and start_soon keeps room for one error
-/// per live child (so a failing child never allocates at its end). A child is named as
+/// per live child (so a failing child never allocates at its end). A child starts with a copy
+/// of the context (context variables) of the code calling start_soon, and is named as
 /// debug.hpp says; its parent (TaskInfo::parent_id) is the task running task_group(). With
 /// several errors, the ExceptionGroup's message says which task raised each. At loop
 /// shutdown, children still running are destroyed (newest first) without resuming. Only

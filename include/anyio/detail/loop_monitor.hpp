@@ -91,8 +91,10 @@ public:
         step_task_ = task;
         step_start_ = now;
         task_ended_ = false;
-        // relaxed: both are published by the release store of serial_ just below.
-        shared_task_.store(task, std::memory_order_relaxed);
+        // release: a watchdog that loads this task (acquire) also sees its id and parent,
+        // written at spawn, even if it pairs it with the serial of an earlier step.
+        shared_task_.store(task, std::memory_order_release);
+        // relaxed: published by the release store of serial_ just below.
         shared_start_.store(now.time_since_epoch().count(), std::memory_order_relaxed);
         // release: the watchdog's acquire load of an odd serial sees this step's start and task.
         serial_.store(++serial_value_, std::memory_order_release);
@@ -187,8 +189,9 @@ private:
                 step.task_id = ended_id_;
                 step.parent_id = ended_parent_id_;
                 name = ended_name_;
-            // relaxed: under mutex_, the task cannot be freed (see the top of this file).
-            } else if (TaskState* task = shared_task_.load(std::memory_order_relaxed)) {
+            // acquire: pairs with begin_step's release (the task's id and parent). Under
+            // mutex_ the task cannot be freed (see the top of this file).
+            } else if (TaskState* task = shared_task_.load(std::memory_order_acquire)) {
                 step.has_task = true;
                 step.task_id = task->id_;
                 step.parent_id = task->parent_id_;
@@ -196,6 +199,9 @@ private:
                     name = task_name;  // relaxed: see TaskState
                 }
             }
+            // acquire: the step may have ended while we read; then the task read may be the
+            // next step's: report nothing rather than a wrong name.
+            if (serial_.load(std::memory_order_acquire) != serial) return false;
         }
         if (!name.empty()) step.task_name = name.c_str();
         report_(context_, step);

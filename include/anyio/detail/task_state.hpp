@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <exception>
 
+#include "context_data.hpp"
 #include "intrusive_list.hpp"
 #include "runnable.hpp"
 
@@ -148,8 +149,8 @@ inline void resume_chain(std::coroutine_handle<> handle) noexcept {
 void run_task(Runnable* self, bool run);  // defined in event_loop.hpp
 
 /// One task of a loop: a Runnable the loop resumes at resume_point_, the innermost cancel
-/// scope it runs in and the cancellable wait it is suspended at, and what get_current_task()
-/// reports about it.
+/// scope it runs in and the cancellable wait it is suspended at; its context (the values of
+/// context variables it sees: context_data.hpp) and what get_current_task() reports about it.
 /// It lives in the task's root (detail/root_task.hpp), allocated once per task.
 class TaskState : public Runnable,
                   public ListHook<ScopeTasksTag>,
@@ -164,6 +165,7 @@ public:
     ~TaskState() {
         if (ListHook<ScopeTasksTag>::linked()) ListHook<ScopeTasksTag>::unlink();
         if (ListHook<LiveTasksTag>::linked()) ListHook<LiveTasksTag>::unlink();
+        release(context_);
     }
 
     EventLoop* loop_ = nullptr;
@@ -173,6 +175,7 @@ public:
     OnDone on_done_ = nullptr;           // called with owner_ when the task has ended
     void* owner_ = nullptr;
     std::exception_ptr error_;           // set when the outcome is failed or cancelled
+    ContextMap* context_ = nullptr;      // one reference; nullptr: no variable set
     // The coroutine function's name (a string literal from the compiler) or the name given to
     // the task (stored after the RootTask, in the same block); nullptr: none known (yet).
     // Written on the loop thread, at spawn or in the task's first step; atomic because the
@@ -187,6 +190,13 @@ public:
 /// The task the loop is running on this thread right now (nullptr between tasks, in a plain
 /// callback, and on threads that run no loop). Constant-initialised: a plain TLS load.
 inline thread_local TaskState* running_task = nullptr;
+
+/// The context code on this thread sees now: the running task's, else the thread's own (see
+/// context_data.hpp). A plain TLS load or two.
+inline ContextMap* current_context() noexcept {
+    TaskState* task = running_task;
+    return task != nullptr ? task->context_ : thread_context.map;
+}
 
 /// Told just before a task's block is freed (the blocked-loop detector: its watchdog thread may
 /// be reading the task's name). Set by a loop for the duration of its run() on its own thread;
