@@ -579,7 +579,10 @@ inline void EventLoop::begin_draining() noexcept {
 ///    not destroyed until the job's completion has arrived: the loop processes library posts
 ///    meanwhile. Destroying a frame releases the from_thread callers blocked on its task with
 ///    RunFinishedError, which lets their workers finish, which releases the older tasks.
-///    (With shutdown_timeout every job lives on the heap, so no frame is held.)
+///    (With shutdown_timeout every job lives on the heap, so no frame is held.) A held job
+///    whose fn waits for something only user code on the loop would give it ends only when
+///    it honours the stop request: without shutdown_timeout run() waits for it, as for any
+///    busy worker.
 /// 4. Services finish (LoopService::finish_shutdown): the pool waits for its busy workers (at
 ///    most shutdown_timeout, then gives up on the rest) and joins every worker.
 /// 5. close_without_running: the inbox is closed for good, services and timers are freed.
