@@ -230,8 +230,10 @@ private:
         if (detail::current_worker_loop == state_->token.shared()) {
             // On a worker thread of its own loop, whose shutdown waits for this very worker:
             // the same, through the loop's inbox.
+            // Library work, not user work: accepted while the loop drains (its shutdown
+            // waits for this worker), refused only once it has closed for good.
             State* state = state_.release();
-            if (!state->token.post(&state->let_go)) {
+            if (!state->token.shared()->post(&state->let_go)) {
                 // The loop has already finished (it waits for no worker any more): its
                 // thread is ending, so join it here.
                 state->thread.join();

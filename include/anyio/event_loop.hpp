@@ -47,11 +47,21 @@ class EventLoop;
 namespace detail {
 
 /// Something that hangs on a loop for the loop's lifetime (anyio's RunVar): the worker pool
-/// and the default limiter. `shutdown` runs while the loop can still process completions.
+/// and the default limiter. Leaving run() calls the hooks in this order (EventLoop::shutdown):
+/// once the main task has finished and the loop runs no user code any more, `shutdown` (stop
+/// starting work, ask what still runs to stop; must not wait); then, while the tasks still
+/// alive are destroyed newest first, `holds` (a task it holds is not destroyed until it lets
+/// go: the loop processes library posts meanwhile); then `finish_shutdown` (wait for threads
+/// with EventLoop::drain_posts, or give up on them). The loop still processes completions
+/// until the last one has returned.
 class LoopService {
 public:
     virtual ~LoopService() = default;
     virtual void shutdown(EventLoop& /*loop*/) {}
+    /// True while work of this service still writes into a frame of `task` (a worker running
+    /// a job that lives in the frame): the frame must not be destroyed yet.
+    virtual bool holds(const TaskState& /*task*/) noexcept { return false; }
+    virtual void finish_shutdown(EventLoop& /*loop*/) {}
 };
 
 template <class Service>
@@ -194,13 +204,15 @@ public:
         }
     }
 
-    /// True once the loop has finished (or for an empty token).
+    /// True once the loop has finished (or for an empty token): from the moment its main task
+    /// has finished, when it stops accepting user work.
     [[nodiscard]] bool finished() const noexcept { return !shared_ || shared_->closed(); }
     [[nodiscard]] explicit operator bool() const noexcept { return shared_ != nullptr; }
     friend bool operator==(const LoopToken&, const LoopToken&) = default;
 
-    /// Low-level: posts an intrusive node; false if the loop has finished.
-    bool post(detail::Runnable* node) const noexcept { return shared_ && shared_->post(node); }
+    /// Low-level: posts an intrusive node of user work; false if the loop has finished (from
+    /// the moment its main task has finished: no user code runs on the loop after that).
+    bool post(detail::Runnable* node) const noexcept { return shared_ && shared_->post_user(node); }
     [[nodiscard]] detail::LoopShared* shared() const noexcept { return shared_.get(); }
     [[nodiscard]] const std::shared_ptr<detail::LoopShared>& shared_state() const noexcept {
         return shared_;
@@ -224,10 +236,12 @@ private:
 /// task or a timer allocates nothing (the public call_soon* wrap a callable in one node, each
 /// task is one block besides its frames). An exception escaping a callback goes to
 /// Options::on_callback_error and never to run()'s caller.
-/// Shutdown (when run() returns, whatever way it leaves): services such as the worker pool
-/// are shut down while the loop still processes completions, then the remote inbox is closed
-/// (later posts throw RunFinishedError), and every task frame still alive is destroyed.
-/// After that call_soon and call_at throw RunFinishedError.
+/// Shutdown (see shutdown() for the sequence): once the main task has finished, no user code
+/// runs on the loop any more: no task is resumed, no timer fires, and call_soon_threadsafe
+/// and from_thread calls throw RunFinishedError (token().finished() is true from then on).
+/// The frames still alive are destroyed newest first, workers are joined (or given up on
+/// after shutdown_timeout), and the inbox is closed for good. After that call_soon and
+/// call_at throw RunFinishedError.
 /// Debugging: every task has an id and a name (debug.hpp); with Options::slow_callback_duration
 /// set, run() times each step and keeps a watchdog thread for its duration (detail/
 /// loop_monitor.hpp); with it unset (the default) there is no such thread and no timing.
@@ -278,7 +292,8 @@ public:
     }
 
     /// Runs `fn()` on the loop thread soon; any thread. Lock-free: one CAS, plus a wake-up
-    /// only when the loop is parked. Throws RunFinishedError once the loop has finished.
+    /// only when the loop is parked. Throws RunFinishedError once the loop has finished (from
+    /// the moment its main task has finished); one that raced with that end is freed unrun.
     template <class F>
     void call_soon_threadsafe(F&& fn) {
         token().call_soon_threadsafe(std::forward<F>(fn));
@@ -380,11 +395,23 @@ public:
         return result;
     }
 
-    /// Runs loop iterations until `done()` holds (loop thread; used during shutdown).
+    /// Runs loop iterations until `done()` holds (loop thread; not once the main task has
+    /// finished: shutdown waits with drain_posts instead).
     template <class Predicate>
     void run_until(Predicate&& done) {
         while (!done()) run_once();
     }
+
+    /// Shutdown only (loop thread, once the main task has finished): runs the library posts
+    /// that have arrived (job completions, exited workers), waiting for one until `until` (for
+    /// ever if empty) when there is none. User work no longer arrives; what the posts schedule
+    /// is dropped unrun, and no timer fires. Returns after one batch, a timeout or a spurious
+    /// wake-up: callers loop on their own condition.
+    void drain_posts(std::optional<time_point> until) noexcept;
+
+    /// True once the main task has finished (loop thread): from then on the loop runs no user
+    /// code (see shutdown()).
+    [[nodiscard]] bool draining() const noexcept { return draining_; }
 
     /// Work handed to another thread whose completion will come back through the inbox: while
     /// any is outstanding, the loop spins briefly before parking (a completion is imminent).
@@ -437,16 +464,22 @@ private:
     template <bool Monitored>
     void fire_due_timers(time_point now);
     void park(time_point now);
+    void begin_draining() noexcept;
     void shutdown() noexcept;
+    void destroy_tasks_when_released() noexcept;
+    [[nodiscard]] bool held_by_service(const detail::TaskState& task) noexcept;
     void close_without_running() noexcept;
     void fail_remote_posts() noexcept;
+    static void dispose(detail::LoopShared::Chain chain) noexcept;
     void drop_ready_queue() noexcept;
     void destroy_live_tasks() noexcept;
     void free_unfired_timers() noexcept;
     void report_callback_error(std::exception_ptr error) noexcept;
     void run_node(detail::Runnable* node) noexcept {
         try {
-            node->invoke_(node, true);
+            // Once the main task has finished (it may finish in the middle of a batch or of
+            // the inbox), what is left of the turn is disposed of unrun: no user code after it.
+            node->invoke_(node, !draining_);
         } catch (...) {
             report_callback_error(std::current_exception());
         }
@@ -481,8 +514,9 @@ private:
     std::unique_ptr<detail::LoopMonitor> monitor_;  // the blocked-loop detector, while on
     std::uint64_t last_task_id_ = 0;
     std::atomic<std::thread::id> owner_;  // the thread that may use the loop before it runs
-    bool running_ = false;                // loop thread only (as finished_)
+    bool running_ = false;                // loop thread only (as finished_ and draining_)
     bool finished_ = false;
+    bool draining_ = false;               // the main task has finished: no user code runs
 };
 
 namespace detail {
@@ -565,6 +599,7 @@ T EventLoop::run(Task<T> main) {
               auto* main_state = static_cast<MainState*>(owner);
               if (task.error_) main_state->result.set_exception(task.error_);
               main_state->done = true;
+              task.loop_->begin_draining();  // at once: nothing else of this turn runs
           },
           &state);
     if (options_.slow_callback_duration) start_monitor();
@@ -609,7 +644,8 @@ void EventLoop::fire_due_timers(time_point now) {
     // Only the timers due when the pass began: one that re-arms itself in the past (a deadline
     // computed with an overflow, say) fires once per loop turn, and tasks still run between.
     timers_.begin_pass(now);
-    while (detail::TimerNode* timer = timers_.pass_due()) {
+    // None once the main task has finished (a timer callback may be what finished it).
+    while (detail::TimerNode* timer = draining_ ? nullptr : timers_.pass_due()) {
         timers_.remove(timer);
         if constexpr (Monitored) monitor_->begin_step(nullptr);
         try {
@@ -718,8 +754,40 @@ inline void EventLoop::report_callback_error(std::exception_ptr error) noexcept 
     }
 }
 
+/// The main task has finished: from now on no user code runs on the loop. The inbox refuses
+/// user work (call_soon_threadsafe and from_thread calls throw RunFinishedError), and what it
+/// still held is disposed of unrun (a blocked from_thread caller gets RunFinishedError).
+/// Called by the main task's end, at once, so nothing left of that loop turn runs either.
+inline void EventLoop::begin_draining() noexcept {
+    if (draining_) return;
+    draining_ = true;
+    dispose(shared_->close_to_user());
+}
+
+/// Leaving run(), after the main task has finished (API.md: "Once the main task has finished,
+/// no user code runs on the loop any more"; trio's rule):
+/// 1. Draining (begin_draining, when main ended): the inbox is closed to user work, its
+///    leftovers disposed of; the ready queue is dropped; no task is resumed and no timer
+///    fires from here on. Library posts (job completions, exited workers) are still processed
+///    (drain_posts), and what they schedule is dropped unrun.
+/// 2. Services stop (LoopService::shutdown): the worker pool starts no more calls, asks the
+///    running ones to stop (stop_token, check_cancelled) and retires its idle workers.
+/// 3. The frames still alive are destroyed, newest task first (a child is newer than the
+///    task hosting its group or scope). A task a service still holds (a worker is running a
+///    job that lives in one of its frames: a shielded run_sync without shutdown_timeout) is
+///    not destroyed until the job's completion has arrived: the loop processes library posts
+///    meanwhile. Destroying a frame releases the from_thread callers blocked on its task with
+///    RunFinishedError, which lets their workers finish, which releases the older tasks.
+///    (With shutdown_timeout every job lives on the heap, so no frame is held.) A held job
+///    whose fn waits for something only user code on the loop would give it ends only when
+///    it honours the stop request: without shutdown_timeout run() waits for it, as for any
+///    busy worker.
+/// 4. Services finish (LoopService::finish_shutdown): the pool waits for its busy workers (at
+///    most shutdown_timeout, then gives up on the rest) and joins every worker.
+/// 5. close_without_running: the inbox is closed for good, services and timers are freed.
 inline void EventLoop::shutdown() noexcept {
-    // Services (the worker pool) stop while completions can still be processed.
+    begin_draining();
+    drop_ready_queue();
     for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
         try {
             it->service->shutdown(*this);
@@ -727,16 +795,78 @@ inline void EventLoop::shutdown() noexcept {
             report_callback_error(std::current_exception());
         }
     }
-    stop_monitor();
+    stop_monitor();  // no user step runs from here on: nothing left for the watchdog to report
+    destroy_tasks_when_released();
+    for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
+        try {
+            it->service->finish_shutdown(*this);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+    }
     close_without_running();
+}
+
+/// Step 3 of shutdown(): destroys the live tasks newest first, waiting for the services to let
+/// go of a task they still hold.
+inline void EventLoop::destroy_tasks_when_released() noexcept {
+    while (detail::TaskState* task = live_tasks_.back()) {
+        if (held_by_service(*task)) {
+            drain_posts(std::nullopt);
+            continue;
+        }
+        live_tasks_.pop_back();
+        detail::destroy_task_frames(static_cast<detail::RootTask&>(*task));
+        drop_ready_queue();
+    }
+}
+
+inline bool EventLoop::held_by_service(const detail::TaskState& task) noexcept {
+    for (auto& entry : services_) {
+        if (entry.service->holds(task)) return true;
+    }
+    return false;
+}
+
+inline void EventLoop::drain_posts(std::optional<time_point> until) noexcept {
+    auto chain = shared_->take_all();
+    if (chain.first == nullptr) {
+        // Park on the futex alone, whatever the poller waits for: a post wakes the futex, and
+        // nothing else (I/O, timers) is of interest any more.
+        std::timespec timeout{};
+        const std::timespec* timeout_ptr = nullptr;
+        if (until) {
+            const time_point now = clock::now();
+            if (*until <= now) return;
+            timeout = detail::to_timespec(*until - now);
+            timeout_ptr = &timeout;
+        }
+        if (shared_->prepare_to_park(detail::LoopShared::parked_on_futex)) {
+            shared_->park_on_futex(timeout_ptr);
+        }
+        chain = shared_->take_all();
+    }
+    // Only library work arrives now (the user half of the inbox is closed), and it must run:
+    // a completion returns its worker to the pool, which is what shutdown waits for.
+    for (detail::Runnable* node = chain.first; node != nullptr;) {
+        detail::Runnable* next = node->next_;  // read first: running may free the node
+        try {
+            node->invoke_(node, true);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+        node = next;
+    }
+    drop_ready_queue();  // a completion schedules its caller: no task resumes any more
 }
 
 /// Closes the loop without running anything more: the last step of run(), and all of
 /// ~EventLoop for a loop that never ran.
 ///
 /// Why nothing is touched after it is freed:
-/// 1. The inbox is closed first, so no other thread can add work from now on (they get
-///    RunFinishedError), and what it still holds is disposed of unrun.
+/// 1. The inbox is closed for good first, so no other thread can add work from now on (they
+///    get RunFinishedError; a worker drops its completion), and what it still holds is
+///    disposed of unrun.
 /// 2. The ready queue is dropped before any frame goes away, and again after each task's
 ///    frames are destroyed: a queued node may point into a frame, and a destructor in a frame
 ///    may wake an older task (an Event set, a limiter token handed on).
@@ -761,8 +891,11 @@ inline void EventLoop::close_without_running() noexcept {
 }
 
 /// Closes the inbox (later posts throw RunFinishedError) and disposes of what it still holds.
-inline void EventLoop::fail_remote_posts() noexcept {
-    auto chain = shared_->close();
+inline void EventLoop::fail_remote_posts() noexcept { dispose(shared_->close()); }
+
+/// Disposes of a chain taken from the inbox unrun (a blocked from_thread caller gets
+/// RunFinishedError; a callback is freed).
+inline void EventLoop::dispose(detail::LoopShared::Chain chain) noexcept {
     for (detail::Runnable* node = chain.first; node != nullptr;) {
         detail::Runnable* next = node->next_;  // read first: disposing may free the node
         node->invoke_(node, false);

@@ -99,9 +99,11 @@ public:
         : Runnable(invoke),
           context_(anyio::detail::ContextRef::share(anyio::detail::current_context())) {}
 
-    /// Posts the call and blocks until the loop finishes it; returns or rethrows.
+    /// Posts the call and blocks until the loop finishes it; returns or rethrows. User work:
+    /// refused (RunFinishedError) once the loop's main task has finished; a call that was
+    /// posted but not run by then is disposed of with RunFinishedError.
     R post_and_wait(anyio::detail::LoopShared& loop) {
-        if (!loop.post(this)) throw RunFinishedError();
+        if (!loop.post_user(this)) throw RunFinishedError();
         wait();
         return result_.take();
     }

@@ -56,6 +56,10 @@ public:
     explicit ToThreadService(EventLoop& loop)
         : default_limiter_(loop.options().default_thread_tokens), pool_(loop) {}
     void shutdown(EventLoop&) override { pool_.shutdown(); }
+    bool holds(const anyio::detail::TaskState& task) noexcept override {
+        return pool_.holds_frames_of(task);
+    }
+    void finish_shutdown(EventLoop&) override { pool_.finish_shutdown(); }
     CapacityLimiter& default_limiter() noexcept { return default_limiter_; }
     anyio::detail::WorkerPool& pool() noexcept { return pool_; }
 

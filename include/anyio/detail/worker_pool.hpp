@@ -8,9 +8,12 @@
 //   also by a loop timer when there is no traffic;
 // - the loop never waits for a worker: a retiring worker runs on_thread_stop on its own and
 //   then posts an "exited" node, and the loop joins it when that node arrives;
-// - leaving run() stops every worker after its current job and joins it (the loop runs
-//   until each has reported its exit), or gives up on the ones still busy after
-//   shutdown_timeout (their late completions are dropped safely).
+// - leaving run() (EventLoop::shutdown) happens in two steps around the destruction of the
+//   tasks still alive: shutdown() starts no more calls, retires the idle workers and asks
+//   the running calls to stop; holds_frames_of() keeps a task's frames alive while a worker
+//   runs a job that lives in them; finish_shutdown() then waits for the busy workers (at most
+//   shutdown_timeout, then gives up on the rest: their late completions are dropped safely)
+//   and joins every worker as its "exited" node arrives. No task resumes meanwhile.
 // Loop-thread only. Stands on the public capacity_limiter.hpp and event_loop.hpp.
 #pragma once
 
@@ -129,17 +132,51 @@ public:
         delete worker;
     }
 
-    void shutdown() {
+    /// Leaving run(), the main task has finished: start no more calls, retire the idle
+    /// workers, and ask the running calls to stop (their tasks are about to be destroyed).
+    /// Does not wait.
+    void shutdown() noexcept {
         shutting_down_ = true;
+        if (shutdown_timeout_) shutdown_deadline_ = deadline_after(loop_->time(), *shutdown_timeout_);
         loop_->remove_timer(&reaper_);
         while (WorkerThread* worker = idle_.pop_front()) {
             --idle_count_;
             retire(worker);
         }
-        if (busy_count_ > 0) wait_for_busy_workers();
-        // Every worker not given up is joined before run() returns. The loop keeps running
-        // meanwhile (it never blocks on a join): each exited node ends one retiring worker.
-        loop_->run_until([&] { return retiring_count_ == 0; });
+        // A cooperative fn (stop_token, check_cancelled) can end, so run() need not wait.
+        busy_.for_each([](WorkerThread& worker) {
+            JobBase* job = worker.job();
+            job->cancelled_.store(true, std::memory_order_release);  // release: as in run_sync
+            if (job->request_stop_ != nullptr) job->request_stop_(job);
+            // A heap job's awaiter may be destroyed before the completion arrives: the
+            // completion must not schedule a task that is gone. (A job in an awaiter keeps its
+            // task alive, holds_frames_of, until then; scheduling it is harmless: nothing
+            // scheduled runs any more.)
+            if (job->storage_ == JobBase::Storage::heap) job->host_ = nullptr;
+        });
+    }
+
+    /// True while a worker runs a job that lives in a frame of `task` (a shielded run_sync
+    /// without shutdown_timeout): the frame must outlive the job's completion.
+    [[nodiscard]] bool holds_frames_of(const TaskState& task) noexcept {
+        bool held = false;
+        busy_.for_each([&](WorkerThread& worker) {
+            const JobBase* job = worker.job();
+            if (job->storage_ == JobBase::Storage::in_awaiter && job->host_ == &task) held = true;
+        });
+        return held;
+    }
+
+    /// After the tasks are gone: waits for the busy workers (at most shutdown_timeout, then
+    /// gives up on the rest) and joins every worker. The loop only processes completions and
+    /// exited nodes meanwhile (EventLoop::drain_posts); it never blocks on a join.
+    void finish_shutdown() noexcept {
+        while (busy_count_ > 0 && !deadline_passed()) loop_->drain_posts(shutdown_deadline_);
+        while (WorkerThread* worker = busy_.pop_front()) {
+            --busy_count_;
+            give_up(*worker);
+        }
+        while (retiring_count_ > 0) loop_->drain_posts(std::nullopt);
     }
 
     [[nodiscard]] WorkerPoolStatistics statistics() const noexcept {
@@ -199,30 +236,8 @@ private:
         ++retiring_count_;
     }
 
-    /// Leaving run(): busy workers are told their tasks are going away and waited for, at most
-    /// shutdown_timeout; the pool gives up on those still busy after it.
-    void wait_for_busy_workers() {
-        // Jobs still running belong to tasks that are about to be destroyed: tell them, so a
-        // cooperative fn (stop_token, check_cancelled) can end and run() need not wait.
-        busy_.for_each([](WorkerThread& worker) {
-            JobBase* job = worker.job();
-            job->cancelled_.store(true, std::memory_order_release);  // release: as in run_sync
-            if (job->request_stop_ != nullptr) job->request_stop_(job);
-        });
-        struct Timeout final : TimerNode {
-            Timeout() noexcept : TimerNode(&fire) {}
-            static void fire(TimerNode* self, bool) { static_cast<Timeout*>(self)->expired = true; }
-            bool expired = false;
-        } timeout;
-        if (shutdown_timeout_) {
-            loop_->add_timer(&timeout, deadline_after(loop_->time(), *shutdown_timeout_));
-        }
-        loop_->run_until([&] { return busy_count_ == 0 || timeout.expired; });
-        loop_->remove_timer(&timeout);
-        while (WorkerThread* worker = busy_.pop_front()) {
-            --busy_count_;
-            give_up(*worker);
-        }
+    [[nodiscard]] bool deadline_passed() const noexcept {
+        return shutdown_deadline_ && std::chrono::steady_clock::now() >= *shutdown_deadline_;
     }
 
     /// Shutdown timed out while `worker` still runs a job: forget the job on the loop side,
@@ -256,6 +271,7 @@ private:
     std::uint64_t threads_created_ = 0;
     std::uint64_t threads_pruned_ = 0;
     std::uint64_t jobs_completed_ = 0;
+    std::optional<std::chrono::steady_clock::time_point> shutdown_deadline_;  // with a timeout
     bool shutting_down_ = false;
 };
 
