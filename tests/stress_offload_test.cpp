@@ -912,11 +912,9 @@ TEST_CASE("Leaving run with hundreds of calls in flight and a shutdown_timeout r
 
 TEST_CASE("Once the main task has finished, no user code runs on the loop, even with hundreds of "
           "calls in flight",
-          "[stress][shutdown][!mayfail]") {
+          "[stress][shutdown]") {
     // API.md ("Running a loop"): from_thread calls and call_soon_threadsafe from workers that
-    // run() is still joining throw RunFinishedError, and no task is resumed. Issue 8 item 6;
-    // until it lands, shutdown's wait for the workers still runs their callbacks and resumes
-    // the leftover tasks and the plain threads' tasks.
+    // run() is still joining throw RunFinishedError, and no task is resumed (issue 8 item 6).
     //
     // A worker that calls back the very moment main_done is set (before the main task has
     // returned, which the loop thread does next) may still get its call_soon_threadsafe
