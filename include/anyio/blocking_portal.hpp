@@ -1,4 +1,8 @@
-// anyio-cpp: BlockingPortal: calling async code from plain threads.
+// anyio-cpp: BlockingPortal and start_blocking_portal: a loop running on a thread of its own, so
+// that plain threads (no loop, not a worker) can call async code and wait for it. Built on
+// event_loop.hpp (the portal thread runs a loop), task_group.hpp (the portal's tasks run in one
+// group) and the blocking-call machinery of from_thread.hpp; from a worker thread of a loop, use
+// from_thread.hpp directly.
 #pragma once
 
 #include <exception>

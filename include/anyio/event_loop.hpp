@@ -1,4 +1,8 @@
-// anyio-cpp: the event loop, run(), LoopToken.
+// anyio-cpp: EventLoop, run(), LoopToken, lowlevel::current_token / current_task: the single-
+// threaded loop every other header runs on. It holds the ready queue, the timers, the lock-free
+// inbox for other threads (detail/remote_inbox.hpp), the poller behind io.hpp and the sockets
+// (detail/poller.hpp), the loop services (the worker pool of to_thread.hpp), the blocked-loop
+// detector (debug.hpp) and the shutdown sequence.
 #pragma once
 
 #include <algorithm>

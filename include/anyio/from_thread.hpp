@@ -1,4 +1,7 @@
-// anyio-cpp: from_thread: calling back into the loop from worker threads and other threads.
+// anyio-cpp: from_thread::run / run_sync / check_cancelled: calling back into the loop from a
+// worker thread of to_thread::run_sync, or from any thread holding a LoopToken (event_loop.hpp).
+// The caller blocks on its own stack; the call runs on the loop as a task or a callback. Plain
+// threads with no loop use blocking_portal.hpp.
 #pragma once
 
 #include <atomic>

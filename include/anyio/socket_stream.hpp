@@ -1,4 +1,7 @@
-// anyio-cpp: SocketStream, a connected TCP or UNIX stream socket on the loop.
+// anyio-cpp: SocketStream: a connected TCP or UNIX stream socket on the loop (receive,
+// receive_into, send, send_eof, close). Made by tcp.hpp (connect_tcp, TcpListener::accept) and
+// unix_socket.hpp; waits on the loop's poller through detail/socket.hpp. net.hpp includes the
+// whole network layer.
 #pragma once
 
 #include <algorithm>

@@ -1,4 +1,6 @@
-// anyio-cpp: Task<T>, the coroutine type of the library.
+// anyio-cpp: Task<T>, the coroutine type of the library: lazy, move-only, awaited once. Tasks run
+// on an EventLoop (event_loop.hpp), run concurrently as children of task_group.hpp, and are
+// cancelled through cancel_scope.hpp; debug.hpp gives them names.
 #pragma once
 
 #include <concepts>

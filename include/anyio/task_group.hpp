@@ -1,4 +1,6 @@
-// anyio-cpp: TaskGroup and task_group(), structured concurrency.
+// anyio-cpp: TaskGroup and task_group(), structured concurrency: the children started with
+// start_soon run on the loop of event_loop.hpp under the group's CancelScope (cancel_scope.hpp),
+// and task_group() returns only when all of them have ended. debug.hpp's named() names a child.
 #pragma once
 
 #include <algorithm>
