@@ -72,16 +72,7 @@ anyio::Task<std::string> serve_script(NetWorld& world, anyio::SocketStream& stre
     std::vector<std::byte> buffer(65536);
     switch (script) {
     case 'E':
-        for (;;) {
-            std::size_t n = 0;
-            try {
-                n = co_await stream.receive_into(buffer);
-            } catch (const anyio::EndOfStream&) {
-                break;
-            }
-            co_await stream.send(std::span<const std::byte>(buffer.data(), n));
-        }
-        co_await stream.send_eof();
+        co_await anyio_test::echo_all(stream);
         co_return "echoed";
     case 'R':
         reset_on_close(stream);
