@@ -37,7 +37,7 @@ fi
 cd "$ROOT"
 if [[ -z "${SKIP_BUILD:-}" ]]; then
     cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DANYIO_BUILD_TESTS=OFF -DANYIO_BUILD_EXAMPLES=OFF
+        -DANYIO_BUILD_TESTS=OFF -DANYIO_BUILD_EXAMPLES=OFF -DANYIO_BUILD_BENCHMARKS=ON
     cmake --build "$BUILD" --parallel "${JOBS:-2}"
 fi
 

@@ -6,10 +6,11 @@
 // corrupted: nothing half-started runs, every object handed in is destroyed exactly once,
 // limiters and streams add up, and the same operation succeeds right after.
 //
-// This file is its own executable (tests/CMakeLists.txt builds one per *_test.cpp) because
-// the replacement operator new is global. Where the runtime's operator new cannot be replaced
-// (clang's ThreadSanitizer links its own statically), or the replacement is not the one called,
-// each case says so and is skipped; a probe at the start of every case decides.
+// This file is its own executable (anyio-test: standalone; tests/CMakeLists.txt keeps it
+// alone even in a unity build) because the replacement operator new is global. Where the
+// runtime's operator new cannot be replaced (clang's ThreadSanitizer links its own
+// statically), or the replacement is not the one called, each case says so and is skipped; a
+// probe at the start of every case decides.
 #include <anyio/anyio.hpp>
 
 #include <atomic>

@@ -246,10 +246,14 @@ inline void* allocate_unless_failing(std::size_t size) noexcept {
 // Replaces the global operator new/delete of the test program (use it once, at namespace scope
 // of the test file) so that anyio_test::fail_allocations can make allocations fail. Every
 // non-aligned form is replaced, so that a sanitizer's own versions are never paired with these.
+// In a unity build of the tests (ANYIO_TEST_UNITY, tests/CMakeLists.txt) the test files of one
+// executable sit in namespaces of their own, where operator new cannot be declared: there the
+// file's use expands to nothing and the generated source replaces them once, at global scope,
+// through ANYIO_TEST_UNITY_FAILING_OPERATOR_NEW().
 #if !ANYIO_TEST_CAN_FAIL_ALLOCATIONS
-#define ANYIO_TEST_FAILING_OPERATOR_NEW() static_assert(true, "")
+#define ANYIO_TEST_UNITY_FAILING_OPERATOR_NEW() static_assert(true, "")
 #else
-#define ANYIO_TEST_FAILING_OPERATOR_NEW()                                                    \
+#define ANYIO_TEST_UNITY_FAILING_OPERATOR_NEW()                                              \
     void* operator new(std::size_t size) {                                                   \
         if (void* p = anyio_test::allocate_unless_failing(size)) return p;                   \
         throw std::bad_alloc();                                                              \
@@ -271,6 +275,11 @@ inline void* allocate_unless_failing(std::size_t size) noexcept {
     void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }          \
     void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }        \
     static_assert(true, "")
+#endif
+#if defined(ANYIO_TEST_UNITY)
+#define ANYIO_TEST_FAILING_OPERATOR_NEW() static_assert(true, "")
+#else
+#define ANYIO_TEST_FAILING_OPERATOR_NEW() ANYIO_TEST_UNITY_FAILING_OPERATOR_NEW()
 #endif
 
 // =============================================================================================
