@@ -207,6 +207,40 @@ TEST_CASE("An EventLoop that is never run is destroyed cleanly", "[loop]") {
     CHECK(anyio::EventLoop::current() == nullptr);
 }
 
+TEST_CASE("A frame destructor that cancels its task's scope while leaving run destroys the "
+          "suspended task reaches no destroyed wait",
+          "[loop][shutdown]") {
+    // Shutdown destroys a leftover task's frames innermost first: the Event wait goes with the
+    // innermost frame, and a guard in an outer frame then cancels the scope the task is in.
+    // The task still pointed at the destroyed wait, and the cancellation called into it.
+    struct CancelOnDestroy {
+        anyio::CancelScope* scope;
+        bool* ran;
+        ~CancelOnDestroy() {
+            scope->cancel();
+            *ran = true;
+        }
+    };
+    bool guard_ran = false;
+    auto leftover = [](anyio::Event& started, bool& ran) -> anyio::Task<> {
+        anyio::Event never;
+        anyio::CancelScope scope;
+        co_await scope.run([&]() -> anyio::Task<> {
+            CancelOnDestroy guard{&scope, &ran};
+            co_await [&]() -> anyio::Task<> {
+                started.set();
+                co_await never.wait();
+            }();
+        }());
+    };
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::Event started;
+        anyio::EventLoop::current()->spawn(leftover(started, guard_ran));
+        co_await started.wait();
+    });
+    CHECK(guard_ran);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The current loop and tokens
 // ---------------------------------------------------------------------------------------------

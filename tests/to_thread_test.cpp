@@ -1149,6 +1149,51 @@ TEST_CASE("Leaving run with shutdown_timeout detaches a worker still running an 
     CHECK(thread_count_returns_to(baseline));
 }
 
+TEST_CASE("Leaving run with shutdown_timeout keeps a leftover task's frames until its shielded "
+          "call returns, and destroys them after",
+          "[to_thread][shutdown]") {
+    // With shutdown_timeout the job lives on the heap, but a shielded fn may still write into
+    // the frame through a std::ref argument. The frame used to be destroyed as soon as the main
+    // task had finished, while the worker still ran: a use after free within the grace period.
+    std::atomic<bool> frame_destroyed{false};
+    std::atomic<bool> wrote_after_destruction{false};
+    std::string written;
+    struct MarkDestroyed {
+        std::atomic<bool>* flag;
+        ~MarkDestroyed() { flag->store(true); }
+    };
+    auto started = std::make_shared<std::promise<void>>();
+    auto started_future = started->get_future();
+    auto fill = [&frame_destroyed, &wrote_after_destruction, started](std::string& buffer) {
+        started->set_value();
+        // Slow, and not cooperative: it writes well after the main task has finished.
+        std::this_thread::sleep_for(100ms);
+        if (frame_destroyed.load()) {
+            wrote_after_destruction = true;  // the write below would be a use after free
+            return;
+        }
+        buffer.assign("written by the worker");
+    };
+    auto leftover = [&]() -> anyio::Task<> {
+        MarkDestroyed mark{&frame_destroyed};
+        std::string buffer;
+        co_await run_sync(fill, std::ref(buffer));
+        written = buffer;  // never reached: the main task has finished, nothing resumes
+    };
+    const auto t0 = Clock::now();
+    run_loop(
+        [&]() -> anyio::Task<> {
+            anyio::EventLoop::current()->spawn(leftover());
+            co_await run_sync([&] { started_future.wait(); });
+        },
+        {.shutdown_timeout = 5s});
+    const auto elapsed = Clock::now() - t0;
+    CHECK_FALSE(wrote_after_destruction);
+    CHECK(frame_destroyed);
+    CHECK(written.empty());
+    CHECK(elapsed < 4s);  // run() waited for the call, not for the timeout
+}
+
 TEST_CASE("Leaving run without shutdown_timeout waits for an abandoned fn to return",
           "[to_thread]") {
     std::atomic<bool> fn_returned{false};

@@ -63,8 +63,13 @@ public:
     virtual ~LoopService() = default;
     virtual void shutdown(EventLoop& /*loop*/) {}
     /// True while work of this service still writes into a frame of `task` (a worker running
-    /// a job that lives in the frame): the frame must not be destroyed yet.
+    /// a shielded call of the task): the frame must not be destroyed yet.
     virtual bool holds(const TaskState& /*task*/) noexcept { return false; }
+    /// When `holds` turns false at the latest (the service gives up then): the loop waits for
+    /// library posts until then. Empty: no such deadline.
+    virtual std::optional<std::chrono::steady_clock::time_point> holds_until() const noexcept {
+        return std::nullopt;
+    }
     virtual void finish_shutdown(EventLoop& /*loop*/) {}
 };
 
@@ -471,7 +476,8 @@ private:
     void begin_draining() noexcept;
     void shutdown() noexcept;
     void destroy_tasks_when_released() noexcept;
-    [[nodiscard]] bool held_by_service(const detail::TaskState& task) noexcept;
+    [[nodiscard]] bool held_by_service(const detail::TaskState& task,
+                                       std::optional<time_point>& until) noexcept;
     void close_without_running() noexcept;
     void fail_remote_posts() noexcept;
     static void dispose(detail::LoopShared::Chain chain) noexcept;
@@ -782,7 +788,9 @@ inline void EventLoop::begin_draining() noexcept {
 ///    not destroyed until the job's completion has arrived: the loop processes library posts
 ///    meanwhile. Destroying a frame releases the from_thread callers blocked on its task with
 ///    RunFinishedError, which lets their workers finish, which releases the older tasks.
-///    (With shutdown_timeout every job lives on the heap, so no frame is held.) A held job
+///    With shutdown_timeout a task is held only until the timeout (its job lives on the heap,
+///    but the fn may use the frames through std::ref arguments): then the worker is given up
+///    and the frames go, so a fn that can outlive the timeout must own its data. A held job
 ///    whose fn waits for something only user code on the loop would give it ends only when
 ///    it honours the stop request: without shutdown_timeout run() waits for it, as for any
 ///    busy worker.
@@ -792,18 +800,20 @@ inline void EventLoop::begin_draining() noexcept {
 inline void EventLoop::shutdown() noexcept {
     begin_draining();
     drop_ready_queue();
-    for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
+    // By index, newest first: a stop callback run by a service's shutdown may create another
+    // service (push_back), which must not invalidate the walk; it is not visited.
+    for (std::size_t i = services_.size(); i-- > 0;) {
         try {
-            it->service->shutdown(*this);
+            services_[i].service->shutdown(*this);
         } catch (...) {
             report_callback_error(std::current_exception());
         }
     }
     stop_monitor();  // no user step runs from here on: nothing left for the watchdog to report
     destroy_tasks_when_released();
-    for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
+    for (std::size_t i = services_.size(); i-- > 0;) {
         try {
-            it->service->finish_shutdown(*this);
+            services_[i].service->finish_shutdown(*this);
         } catch (...) {
             report_callback_error(std::current_exception());
         }
@@ -815,19 +825,25 @@ inline void EventLoop::shutdown() noexcept {
 /// go of a task they still hold.
 inline void EventLoop::destroy_tasks_when_released() noexcept {
     while (detail::TaskState* task = live_tasks_.back()) {
-        if (held_by_service(*task)) {
-            drain_posts(std::nullopt);
+        if (std::optional<time_point> until; held_by_service(*task, until)) {
+            drain_posts(until);
             continue;
         }
         live_tasks_.pop_back();
-        detail::destroy_task_frames(static_cast<detail::RootTask&>(*task));
+        auto& root = static_cast<detail::RootTask&>(*task);
+        detail::destroy_task_frames(root);
         drop_ready_queue();
+        detail::free_destroyed_task(root);
     }
 }
 
-inline bool EventLoop::held_by_service(const detail::TaskState& task) noexcept {
+inline bool EventLoop::held_by_service(const detail::TaskState& task,
+                                       std::optional<time_point>& until) noexcept {
     for (auto& entry : services_) {
-        if (entry.service->holds(task)) return true;
+        if (entry.service->holds(task)) {
+            until = entry.service->holds_until();
+            return true;
+        }
     }
     return false;
 }
@@ -916,8 +932,10 @@ inline void EventLoop::drop_ready_queue() noexcept {
 /// destruction schedules before the next (older) task's frames go.
 inline void EventLoop::destroy_live_tasks() noexcept {
     while (detail::TaskState* task = live_tasks_.pop_back()) {
-        detail::destroy_task_frames(static_cast<detail::RootTask&>(*task));
+        auto& root = static_cast<detail::RootTask&>(*task);
+        detail::destroy_task_frames(root);
         drop_ready_queue();
+        detail::free_destroyed_task(root);
     }
 }
 

@@ -59,6 +59,9 @@ public:
     bool holds(const anyio::detail::TaskState& task) noexcept override {
         return pool_.holds_frames_of(task);
     }
+    std::optional<std::chrono::steady_clock::time_point> holds_until() const noexcept override {
+        return pool_.shutdown_deadline();
+    }
     void finish_shutdown(EventLoop&) override { pool_.finish_shutdown(); }
     CapacityLimiter& default_limiter() noexcept { return default_limiter_; }
     anyio::detail::WorkerPool& pool() noexcept { return pool_; }

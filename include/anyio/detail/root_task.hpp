@@ -82,10 +82,14 @@ inline void finish_root(Continuation& continuation, std::exception_ptr error) no
     delete &root;
 }
 
-/// Destroys a task that is still suspended (loop shutdown): its frames innermost first, then
-/// the root. Iterative, and allocates nothing, for chains of any depth (destroying the body
-/// first would recurse through every Task awaiter's destructor).
+/// Destroys the frames of a task that is still suspended (loop shutdown), innermost first;
+/// free_destroyed_task then frees the root, once the loop has dropped whatever the frames'
+/// destructors scheduled. Iterative, and allocates nothing, for chains of any depth
+/// (destroying the body first would recurse through every Task awaiter's destructor).
 inline void destroy_task_frames(RootTask& root) noexcept {
+    // The wait the task is suspended at is an awaiter in the innermost frame, about to go: a
+    // destructor further up that cancels a scope must not reach it through the task.
+    root.wait_ = nullptr;
     ++destroying_suspended_frames;
     if (root.awaited_) {
         // Down to the innermost frame, through the Task awaiters the frames are suspended in.
@@ -106,6 +110,11 @@ inline void destroy_task_frames(RootTask& root) noexcept {
         }
     }
     --destroying_suspended_frames;
+}
+
+/// The second half of destroying a suspended task: frees the root. The loop calls it after
+/// dropping its ready queue, where a destructor in one of the frames may have put this task.
+inline void free_destroyed_task(RootTask& root) noexcept {
     if (TaskEndWatcher* watcher = task_end_watcher) watcher->task_ending(watcher, root);
     delete &root;
 }

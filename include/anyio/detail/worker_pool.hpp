@@ -148,23 +148,37 @@ public:
             JobBase* job = worker.job();
             job->cancelled_.store(true, std::memory_order_release);  // release: as in run_sync
             if (job->request_stop_ != nullptr) job->request_stop_(job);
-            // A heap job's awaiter may be destroyed before the completion arrives: the
-            // completion must not schedule a task that is gone. (A job in an awaiter keeps its
-            // task alive, holds_frames_of, until then; scheduling it is harmless: nothing
-            // scheduled runs any more.)
-            if (job->storage_ == JobBase::Storage::heap) job->host_ = nullptr;
+            // A heap job's awaiter may be destroyed before the completion arrives (once the
+            // timeout has passed): the completion must not schedule a task that is gone. Its
+            // task is remembered, so that holds_frames_of keeps the frames its fn may use
+            // until then. (A job in an awaiter keeps its task alive the same way; scheduling
+            // it is harmless: nothing scheduled runs any more.)
+            if (job->storage_ == JobBase::Storage::heap) {
+                job->shutdown_host_ = job->host_;  // nullptr if the caller left (abandoned)
+                job->host_ = nullptr;
+            }
         });
     }
 
-    /// True while a worker runs a job that lives in a frame of `task` (a shielded run_sync
-    /// without shutdown_timeout): the frame must outlive the job's completion.
+    /// True while a worker runs a shielded call of `task`, whose fn may use the task's frames
+    /// (the job itself lives in one without shutdown_timeout; with it, std::ref arguments may
+    /// point into one): the frames must outlive the job's completion. With shutdown_timeout
+    /// only until the timeout: then the worker is given up, and its fn must not use them.
     [[nodiscard]] bool holds_frames_of(const TaskState& task) noexcept {
+        const bool waiting = !deadline_passed();
         bool held = false;
         busy_.for_each([&](WorkerThread& worker) {
             const JobBase* job = worker.job();
             if (job->storage_ == JobBase::Storage::in_awaiter && job->host_ == &task) held = true;
+            if (waiting && job->shutdown_host_ == &task) held = true;
         });
         return held;
+    }
+
+    /// When shutdown gives up on busy workers (empty: never).
+    [[nodiscard]] std::optional<std::chrono::steady_clock::time_point> shutdown_deadline()
+        const noexcept {
+        return shutdown_deadline_;
     }
 
     /// After the tasks are gone: waits for the busy workers (at most shutdown_timeout, then

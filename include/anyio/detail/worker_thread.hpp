@@ -146,6 +146,9 @@ struct JobBase : Runnable {
     WorkerThread* worker_ = nullptr;
     LimiterHold hold_;                 // the per-call borrower's token
     TaskState* host_ = nullptr;        // the awaiting task (nullptr once it left)
+    // Leaving run() with shutdown_timeout: the task a shielded heap job was called from, whose
+    // frames its fn may still use (std::ref arguments): kept until the job ends or the timeout.
+    const TaskState* shutdown_host_ = nullptr;
     std::coroutine_handle<> resume_;
     CancelScope* host_scope_ = nullptr;  // where from_thread::run tasks are started
     CancelScope* call_scope_ = nullptr;  // scope of a from_thread::run in progress
