@@ -174,7 +174,9 @@ struct LoopOptions {
     std::function<void()> on_thread_start{};
     std::function<void()> on_thread_stop{};
     /// How long leaving run() waits for busy workers before detaching them (their late
-    /// results are then dropped safely). Empty: wait for ever.
+    /// results are then dropped safely). Empty: wait for ever. A leftover task's frames are
+    /// kept while its shielded call runs, but only until the timeout: a fn that may outlive
+    /// it must own what it uses (captures by value, shared_ptr), not refer into a frame.
     std::optional<std::chrono::steady_clock::duration> shutdown_timeout{};
     /// Called on the loop thread with an exception that escaped a call_soon / call_at /
     /// call_soon_threadsafe callback (asyncio's exception handler). It never replaces what
