@@ -16,7 +16,8 @@
 //   bits 48..49  phase  of that worker: parked (not looking here: about to sleep or asleep),
 //                       free (spinning, or checking once more before it sleeps: claims the
 //                       jobs here), busy (running a job; looks here again when done), woken
-//                       (the loop woke it with a job; busy once it starts it)
+//                       (the loop woke it with a job; busy once it starts it). Whenever it
+//                       starts a job it is busy; whenever it finishes one, free.
 //   bits 50..63  runs   jobs `last` has started while being last (wraps; lets the loop tell
 //                       a busy period that lasts from one that ended and began again)
 //
@@ -179,14 +180,14 @@ public:
         }
     }
 
-    /// The caller, last and free (or woken), starts a job handed to it directly: it is busy
-    /// meanwhile.
+    /// The caller, last, starts a job handed to it directly: it is busy meanwhile (whatever
+    /// its phase was: free, woken, or parked if the job reached it between park() and sleep).
     void begin_direct(std::uint16_t me) noexcept {
         // relaxed: a hint for the loop's "is it stuck" check; the compare-and-swap re-reads.
         std::uint64_t word = word_.load(std::memory_order_relaxed);
         for (;;) {
             State s = decode(word);
-            if (s.last != me || (s.phase != Phase::free && s.phase != Phase::woken)) return;
+            if (s.last != me || s.phase == Phase::busy) return;
             s.phase = Phase::busy;
             ++s.runs;
             // relaxed: only the loop's stuck heuristic reads this; no data depends on it.

@@ -159,9 +159,10 @@ public:
     /// The job's completion reached the loop: its worker is idle again (most recent first)
     /// once no other call is counted on it.
     void completed(JobBase& job) noexcept {
+        const time_point now = clock::now();
         if (job.granted_) {
             // acquire: pairs with the claimer's release store (the post orders it as well).
-            attribute(job, *job.runner_.load(std::memory_order_acquire), clock::now());
+            attribute(job, *job.runner_.load(std::memory_order_acquire), now);
         }
         WorkerThread* worker = job.worker_;
         job.ListHook<InFlightTag>::unlink();
@@ -172,7 +173,6 @@ public:
             return;
         }
         ++jobs_completed_;
-        const time_point now = clock::now();
         if (shutting_down_ && worker->jobs_ == 0) {
             retire(worker);
         } else {
@@ -414,11 +414,7 @@ private:
         // that parks after this load sees the job when it looks once more; if it had parked
         // already, the watch wakes it with the job soon (after this loop turn's other
         // dispatches, so once for all of them).
-        if (shared_->granted.load(std::memory_order_seq_cst).phase == GrantedJobs::Phase::parked) {
-            watch_soon();
-        } else {
-            arm_watch(now);
-        }
+        arm_watch(shared_->granted.load(std::memory_order_seq_cst), now);
     }
 
     /// Learns who claimed the granted jobs claimed so far, oldest first, and counts each on
@@ -457,6 +453,7 @@ private:
     void settle_granted(time_point now, bool watch = false) noexcept {
         if (resolved_ == tail_) return;  // the fate of every queued job is known
         resolve(now);
+        if (resolved_ == tail_) return;  // and now it is: nothing waits
         take_back_granted(now, /*all=*/false, watch);
     }
 
@@ -478,7 +475,7 @@ private:
             if (last != nullptr && !is_stuck &&
                 now - pushed_at_[state.head % GrantedJobs::capacity] < wait_limit) {
                 if (!wake_last || state.phase != GrantedJobs::Phase::parked || !last->asleep()) {
-                    arm_watch(now);  // it takes them, or the watch wakes it soon
+                    arm_watch(state, now);  // it takes them, or the watch wakes it soon
                     return;
                 }
                 to_last = true;
@@ -519,10 +516,9 @@ private:
     /// timers in one pass with one clock reading, and the watch must not fire again in it.
     void watch_soon() { watch_by(clock::now() + std::chrono::microseconds(1)); }
 
-    /// Arms the watch for when the oldest waiting job must be looked at again.
-    void arm_watch(time_point now) {
-        // acquire: a hint for when to look again.
-        const GrantedJobs::State state = shared_->granted.load(std::memory_order_acquire);
+    /// Arms the watch for when the oldest waiting job must be looked at again (`state`: the
+    /// word as just read).
+    void arm_watch(const GrantedJobs::State& state, time_point now) {
         if (state.phase == GrantedJobs::Phase::parked) {
             watch_soon();  // asleep in a moment, if not already: then it is woken
             return;

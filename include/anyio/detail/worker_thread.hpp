@@ -455,6 +455,8 @@ private:
             if (!granted.unpark(id_)) break;  // someone else finished a job: theirs now
             found = claim_granted_job(stop);
             if (found != nullptr || stop) return found;
+            // acquire: as in next_job. A handed job (or a stop) is next_job's to take.
+            if (state_.load(std::memory_order_acquire) != empty) return nullptr;
         }
         return nullptr;
     }
