@@ -267,8 +267,9 @@ private:
 
     /// Puts `worker` in the list its counts call for: busy while a call is counted on it,
     /// reserved while it backs a granted job, idle (at the front, idle since `now`) otherwise.
-    /// A retiring worker stays retiring.
-    void relist(WorkerThread& worker, time_point now) noexcept {
+    /// A retiring worker stays retiring. Inlined: every call and completion moves a worker
+    /// (W1 pays it twice per call), and at most call sites `to` is then known.
+    [[gnu::always_inline]] void relist(WorkerThread& worker, time_point now) noexcept {
         if (worker.where_ == Where::retiring) return;
         const Where to = worker.jobs_ > 0  ? Where::busy
                          : worker.reserved_ ? Where::reserved
@@ -294,7 +295,7 @@ private:
         }
     }
 
-    void leave_list(WorkerThread& worker) noexcept {
+    [[gnu::always_inline]] void leave_list(WorkerThread& worker) noexcept {
         switch (worker.where_) {
         case Where::nowhere:
             return;
