@@ -21,6 +21,10 @@
 // floor: floor-wait (std::atomic::wait/notify_one, threads placed by the scheduler), the same
 // with both threads pinned to one CPU and to two CPUs, floor-futex-other-cpu (a bare futex:
 // libstdc++'s atomic::wait spins a little before sleeping) and floor-spin (two CPUs).
+//
+// Environment: ANYIO_BENCH_CONTEXT=1 sets a context variable in each workload's task first, so
+// that every offload copies a non-empty context (the cost of context.hpp when it is used);
+// ANYIO_DEBUG=1 turns the loop's blocked-loop detector on (100 ms), as in any program.
 #include <anyio/anyio.hpp>
 
 #include <atomic>
@@ -143,9 +147,15 @@ anyio::EventLoop::Options loop_options(std::chrono::steady_clock::duration max_i
     return options;
 }
 
+anyio::ContextVar<std::string> bench_context{"bench_context"};
+
 /// The only warm-up of every run: 1000 sequential round trips.
 /// The first one also checks that fn really runs on another thread than the loop's.
+/// With ANYIO_BENCH_CONTEXT set, it first sets a context variable in the calling task.
 anyio::Task<> warm_up() {
+    if (const char* context = std::getenv("ANYIO_BENCH_CONTEXT"); context != nullptr && *context != '\0') {
+        bench_context.set("request-42");
+    }
     std::thread::id worker = co_await anyio::to_thread::run_sync([] { return std::this_thread::get_id(); });
     if (worker == std::this_thread::get_id()) {
         fmt::print(stderr, "offload_bench: run_sync ran fn on the loop thread\n");
@@ -155,8 +165,12 @@ anyio::Task<> warm_up() {
 }
 
 bench::JsonLine& add_resources(bench::JsonLine& line) {
+    // Which variant ran (see "Environment" at the top): a context variable set in the
+    // workload's task, the detector on.
     return line.num("threads_created", anyio::to_thread::statistics().threads_created)
-        .num("max_rss_kb", bench::max_rss_kb());
+        .num("max_rss_kb", bench::max_rss_kb())
+        .boolean("context_set", bench_context.find() != nullptr)
+        .boolean("detector", anyio::EventLoop::Options{}.slow_callback_duration.has_value());
 }
 
 // One no-op offload after the other (the W1 loop): fills `latency_us` (one per call) and

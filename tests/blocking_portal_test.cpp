@@ -80,7 +80,19 @@ std::size_t settle_thread_count(std::size_t expected) {
 // runtime helper threads started lazily (sanitizers) are already part of the baseline.
 std::size_t baseline_thread_count() {
     std::thread([] {}).join();
-    return settle_thread_count(thread_count());
+    // That thread, or one an earlier test joined, may still linger in /proc: take the count
+    // once it has held still for 50 ms (a CI run once counted a lingering thread here).
+    std::size_t count = thread_count();
+    auto stable_since = Clock::now();
+    const auto until = stable_since + 5s;
+    while (Clock::now() - stable_since < 50ms && Clock::now() < until) {
+        std::this_thread::sleep_for(1ms);
+        if (std::size_t now = thread_count(); now != count) {
+            count = now;
+            stable_since = Clock::now();
+        }
+    }
+    return count;
 }
 
 std::string current_thread_name() {

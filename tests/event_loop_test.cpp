@@ -786,6 +786,46 @@ TEST_CASE("call_later with a delay too large for the clock never fires", "[loop]
     CHECK_FALSE(fired);
 }
 
+namespace {
+
+// Waits for `go` and records whether it took a step after the main task had finished.
+anyio::Task<> step_after(anyio::Event& go, const bool& main_done, int* steps_after_main) {
+    co_await go.wait();
+    if (main_done) ++*steps_after_main;
+}
+
+// Sets `go`, then queues a callback: both wake-ups land in the main task's last loop turn,
+// after the main task.
+anyio::Task<> release_all(anyio::Event& go, const bool& main_done, int* steps_after_main) {
+    go.set();
+    anyio::EventLoop::current()->call_soon([&main_done, steps_after_main] {
+        if (main_done) ++*steps_after_main;
+    });
+    co_return;
+}
+
+}  // namespace
+
+TEST_CASE("Once the main task has finished, no task step or callback runs, not even in the "
+          "same loop turn",
+          "[loop][shutdown]") {
+    // The loop used to run the rest of the batch in which the main task finished.
+    bool main_done = false;
+    int steps_after_main = 0;
+    anyio::Event go;  // outlives the loop
+    anyio::run([&]() -> anyio::Task<> {
+        anyio::EventLoop& loop = *anyio::EventLoop::current();
+        // The main task waits first, so set() wakes it first: the others follow it in its
+        // last turn.
+        for (int i = 0; i < 3; ++i) loop.spawn(step_after(go, main_done, &steps_after_main));
+        loop.spawn(release_all(go, main_done, &steps_after_main));
+        co_await go.wait();
+        main_done = true;
+    });
+    CHECK(main_done);
+    CHECK(steps_after_main == 0);
+}
+
 // Kept last in this file: without the fix it overflows the stack and ends the program.
 TEST_CASE("Leaving run destroys a suspended chain of 100,000 nested tasks without "
           "overflowing the stack",

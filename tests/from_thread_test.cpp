@@ -651,6 +651,8 @@ TEST_CASE("A from_thread::run started after the caller was cancelled is cancelle
     bool cancelled_caught = false;
     std::promise<void> host_left;
     std::future<void> host_left_future = host_left.get_future();
+    std::promise<void> worker_done;
+    std::future<void> worker_done_future = worker_done.get_future();
     anyio::run([&]() -> anyio::Task<> {
         anyio::CancelScope scope;
         co_await scope.run([&]() -> anyio::Task<> {
@@ -665,11 +667,15 @@ TEST_CASE("A from_thread::run started after the caller was cancelled is cancelle
                     });
                 });
                 worker_waited = Clock::now() - start;
+                worker_done.set_value();
             });
             co_await anyio::checkpoint();
         }());
         cancelled_caught = scope.cancelled_caught();
         host_left.set_value();
+        // The loop must still run the abandoned worker's call: once the main task has
+        // finished, from_thread calls throw RunFinishedError instead.
+        if (abandon) co_await anyio::to_thread::run_sync([&] { worker_done_future.wait(); });
     });
     CHECK(cancelled_caught);
     CHECK(coroutine_started);
@@ -689,6 +695,8 @@ TEST_CASE("check_cancelled reports the caller's cancellation as it stands at the
     bool cancelled_caught = false;
     std::promise<void> host_left;
     std::future<void> host_left_future = host_left.get_future();
+    std::promise<void> worker_done;
+    std::future<void> worker_done_future = worker_done.get_future();
     anyio::run([&]() -> anyio::Task<> {
         anyio::CancelScope scope;
         co_await scope.run([&]() -> anyio::Task<> {
@@ -703,6 +711,7 @@ TEST_CASE("check_cancelled reports the caller's cancellation as it stands at the
                         host_left_future.wait();
                         after_host_left = outcome_of([] { anyio::from_thread::check_cancelled(); });
                     }
+                    worker_done.set_value();
                 });
                 host_outcome = "returned";
             } catch (const anyio::Cancelled&) {
@@ -713,6 +722,8 @@ TEST_CASE("check_cancelled reports the caller's cancellation as it stands at the
         }());
         cancelled_caught = scope.cancelled_caught();
         host_left.set_value();
+        // The abandoned worker still calls back: the main task waits for it (see above).
+        if (abandon) co_await anyio::to_thread::run_sync([&] { worker_done_future.wait(); });
     });
     CHECK(before == "returned");
     CHECK(after == "Cancelled");
@@ -1110,4 +1121,173 @@ TEST_CASE("A worker running a loop of its own calls back into the outer loop wit
     CHECK(sync_ran_on == outer_loop_thread);
     CHECK(async_ran_on == outer_loop_thread);
     CHECK(cancelled_check == "returned");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 8 item 6: once the main task has finished, no user code runs on the loop; callers
+// blocked on its tasks are released with RunFinishedError
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// Shared by the loop thread, a plain thread and a worker; outlives a run() that hangs.
+struct NestedCallBack {
+    anyio::LoopToken token;
+    anyio::Event* inner_started = nullptr;  // the main task's; set once, on the loop
+    std::atomic<bool> main_done{false};     // set by the main task as its last statement
+    std::atomic<int> steps_after_main{0};
+    std::promise<std::string> worker_outcome;  // the worker's from_thread::run
+    std::promise<std::string> caller_outcome;  // the plain thread's from_thread::run
+    std::promise<void> run_returned;
+
+    void note() {
+        // acquire: pairs with the main task's release store, so "after" means after.
+        if (main_done.load(std::memory_order_acquire)) {
+            steps_after_main.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+};
+
+// The worker's task: never ends by itself.
+anyio::Task<> wait_on_loop_for_ever(std::shared_ptr<NestedCallBack> shared) {
+    shared->inner_started->set();
+    for (;;) {
+        co_await anyio::sleep(1ms);
+        shared->note();
+    }
+}
+
+// The plain thread's task: a shielded call (its job lives in this frame) whose fn waits in
+// from_thread::run for the task above.
+anyio::Task<> offload_a_call_back(std::shared_ptr<NestedCallBack> shared) {
+    auto worker = [shared] {
+        shared->worker_outcome.set_value(outcome_of([&] {
+            anyio::from_thread::run(wait_on_loop_for_ever, shared);
+        }));
+    };
+    co_await anyio::to_thread::run_sync(worker);
+    shared->note();
+}
+
+}  // namespace
+
+TEST_CASE("A plain thread's from_thread::run task whose offloaded call waits in "
+          "from_thread::run ends with RunFinishedError for both callers when the main task "
+          "finishes, and run returns",
+          "[from_thread][shutdown]") {
+    // Leaving run() used to wait for the busy worker while running the loop as usual, and the
+    // worker waited for a task that never ends: run() hung for ever.
+    const bool with_timeout = GENERATE(false, true);
+    CAPTURE(with_timeout);
+    auto shared = std::make_shared<NestedCallBack>();
+    std::future<std::string> worker_outcome = shared->worker_outcome.get_future();
+    std::future<std::string> caller_outcome = shared->caller_outcome.get_future();
+    std::future<void> run_returned = shared->run_returned.get_future();
+    const auto started = Clock::now();
+    std::thread loop_thread([shared, with_timeout] {
+        anyio::EventLoop::Options options;
+        if (with_timeout) options.shutdown_timeout = 30s;  // run() must not need it
+        std::thread caller;
+        anyio::run(
+            [&shared, &caller]() -> anyio::Task<> {
+                anyio::Event inner_started;
+                shared->inner_started = &inner_started;
+                shared->token = anyio::lowlevel::current_token();
+                caller = std::thread([shared] {
+                    shared->caller_outcome.set_value(outcome_of([&] {
+                        anyio::from_thread::run(shared->token, offload_a_call_back, shared);
+                    }));
+                });
+                co_await inner_started.wait();
+                shared->main_done.store(true, std::memory_order_release);  // see note()
+            }(),
+            options);
+        caller.join();
+        shared->run_returned.set_value();
+    });
+    if (run_returned.wait_for(10s) != std::future_status::ready) {
+        loop_thread.detach();  // everything it touches is in `shared`
+        FAIL("run() is still running 10 s after its main task finished");
+    }
+    loop_thread.join();
+    CHECK(Clock::now() - started < 5s);
+    REQUIRE(worker_outcome.wait_for(0s) == std::future_status::ready);
+    CHECK(worker_outcome.get() == "RunFinishedError");
+    CHECK(caller_outcome.get() == "RunFinishedError");
+    CHECK(shared->steps_after_main == 0);
+}
+
+TEST_CASE("call_soon_threadsafe and from_thread calls from an abandoned worker after the main "
+          "task has finished throw RunFinishedError and never run, with and without "
+          "shutdown_timeout",
+          "[from_thread][shutdown]") {
+    // Leaving run() used to run them while it waited for the worker.
+    const bool with_timeout = GENERATE(false, true);
+    CAPTURE(with_timeout);
+    struct Shared {
+        anyio::LoopToken token;
+        std::atomic<bool> ran{false};  // set by whichever of the calls ran
+        // Written by the worker before `done`:
+        bool saw_finished = false;
+        std::string call_soon_threadsafe;
+        std::string run_sync;
+        std::string run;
+        std::promise<void> done;
+    };
+    auto shared = std::make_shared<Shared>();
+    std::future<void> done = shared->done.get_future();
+    anyio::EventLoop::Options options;
+    if (with_timeout) options.shutdown_timeout = 30s;  // run() waits for the worker either way
+    bool cancelled_caught = false;
+    const auto started = Clock::now();
+    anyio::run(
+        [&]() -> anyio::Task<> {
+            shared->token = anyio::lowlevel::current_token();
+            anyio::CancelScope scope;
+            anyio::Event running;
+            auto worker = [shared, &running] {
+                anyio::from_thread::run_sync([&running] { running.set(); });
+                // The caller leaves now and the main task finishes. Polling is the only way to
+                // see that from here; bounded.
+                const auto until = Clock::now() + 5s;
+                while (!shared->token.finished() && Clock::now() < until) {
+                    std::this_thread::sleep_for(1ms);
+                }
+                shared->saw_finished = shared->token.finished();
+                shared->call_soon_threadsafe = outcome_of([&] {
+                    shared->token.call_soon_threadsafe([shared] { shared->ran = true; });
+                });
+                shared->run_sync = outcome_of([&] {
+                    anyio::from_thread::run_sync([&] { shared->ran = true; });
+                });
+                shared->run = outcome_of([&] {
+                    anyio::from_thread::run([&]() -> anyio::Task<> {
+                        shared->ran = true;
+                        co_return;
+                    });
+                });
+                shared->done.set_value();
+            };
+            co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+                tg.start_soon([&]() -> anyio::Task<> {
+                    co_await scope.run([&]() -> anyio::Task<> {
+                        co_await anyio::to_thread::run_sync({.abandon_on_cancel = true}, worker);
+                    }());
+                });
+                co_await running.wait();
+                scope.cancel();
+            });
+            cancelled_caught = scope.cancelled_caught();
+        }(),
+        options);
+    const auto run_took = Clock::now() - started;
+    CHECK(cancelled_caught);
+    // run() joined the worker: it has finished, and what it wrote is visible.
+    REQUIRE(done.wait_for(0s) == std::future_status::ready);
+    CHECK(shared->saw_finished);
+    CHECK(shared->call_soon_threadsafe == "RunFinishedError");
+    CHECK(shared->run_sync == "RunFinishedError");
+    CHECK(shared->run == "RunFinishedError");
+    CHECK_FALSE(shared->ran.load());
+    CHECK(run_took < 4s);
 }

@@ -122,8 +122,8 @@ inline anyio::Task<std::string> receive_all(anyio::SocketStream& stream) {
     co_return data;
 }
 
-/// Echoes everything it receives until EOF, then sends EOF itself.
-inline anyio::Task<> echo_until_eof(anyio::SocketStream stream) {
+/// Echoes everything `stream` receives until EOF, then sends EOF itself.
+inline anyio::Task<> echo_all(anyio::SocketStream& stream) {
     std::vector<std::byte> buffer(65536);
     for (;;) {
         std::size_t n = 0;
@@ -136,5 +136,8 @@ inline anyio::Task<> echo_until_eof(anyio::SocketStream stream) {
     }
     co_await stream.send_eof();
 }
+
+/// echo_all for a stream the task owns (a connection handler).
+inline anyio::Task<> echo_until_eof(anyio::SocketStream stream) { co_await echo_all(stream); }
 
 }  // namespace anyio_test

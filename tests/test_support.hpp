@@ -272,3 +272,93 @@ inline void* allocate_unless_failing(std::size_t size) noexcept {
     void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }        \
     static_assert(true, "")
 #endif
+
+// =============================================================================================
+// Appended for the reliability tests (stress_*_test, faults_test, misuse_test): the stress
+// scale, and threads that must be gone once a loop has returned.
+// =============================================================================================
+
+#include <cmath>
+#include <fstream>
+#include <string_view>
+#include <vector>
+
+namespace anyio_test {
+
+// How big a [stress] case runs, as a fraction of issue 15's full sizes (1.0 = 1,000,000
+// offloads, ...). The environment variable ANYIO_STRESS_SCALE overrides it (for instance
+// ANYIO_STRESS_SCALE=1 for a full run in Release); by default a stress case takes a few
+// seconds in Debug and stays well under 10 s under the sanitizers. A value that does not
+// parse as a positive number is ignored.
+#if defined(ANYIO_TEST_SANITIZED)
+inline constexpr double default_stress_scale = 0.004;
+#else
+inline constexpr double default_stress_scale = 0.02;
+#endif
+
+inline double stress_scale() {
+    static const double scale = [] {
+        if (const char* text = std::getenv("ANYIO_STRESS_SCALE"); text != nullptr) {
+            char* end = nullptr;
+            const double value = std::strtod(text, &end);
+            if (end != text && std::isfinite(value) && value > 0) return value;
+        }
+        return default_stress_scale;
+    }();
+    return scale;
+}
+
+// `full` (a size at scale 1.0) scaled by stress_scale(), never below `minimum`.
+inline std::int64_t scaled(std::int64_t full, std::int64_t minimum = 1) {
+    const auto value = static_cast<std::int64_t>(std::llround(static_cast<double>(full) * stress_scale()));
+    return value < minimum ? minimum : value;
+}
+
+// The names (comm) of this process's threads, from /proc/self/task.
+inline std::vector<std::string> list_thread_names() {
+    std::vector<std::string> names;
+    for (const auto& entry : std::filesystem::directory_iterator("/proc/self/task")) {
+        std::ifstream comm(entry.path() / "comm");
+        std::string name;
+        if (std::getline(comm, name)) names.push_back(name);
+    }
+    return names;
+}
+
+// How many threads of this process are named `name` (the OS keeps the first 15 bytes).
+inline std::size_t threads_named(std::string_view name) {
+    std::size_t count = 0;
+    for (const std::string& thread : list_thread_names()) {
+        if (thread == name.substr(0, 15)) ++count;
+    }
+    return count;
+}
+
+// A joined thread can stay listed in /proc for a moment while the kernel reaps it: polls
+// (bounded, 5 s) until `done()` holds, and returns whether it did.
+template <class Predicate>
+bool eventually_true(Predicate done, std::chrono::milliseconds limit = std::chrono::milliseconds(5000)) {
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() >= until) return done();
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return true;
+}
+
+// The thread count with no loop running. A thread is started and joined first, so that a
+// runtime helper thread started lazily (ThreadSanitizer's background thread) is already part
+// of it; then it waits until earlier threads are reaped.
+inline std::size_t quiet_thread_count() {
+    std::thread([] {}).join();
+    std::size_t count = thread_count();
+    for (int i = 0; i < 100; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        const std::size_t now = thread_count();
+        if (now == count) break;
+        count = now;
+    }
+    return count;
+}
+
+}  // namespace anyio_test

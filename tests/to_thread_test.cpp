@@ -1822,14 +1822,16 @@ TEST_CASE("Leaving run gives a call still queued for the worker that finished a 
     std::thread::id holder_ran_on;
     std::thread::id queued_ran_on;
     std::atomic<int> stops_seen{0};
-    auto cooperative = [&stops_seen](std::stop_token stop) {
+    // Each fn notes where it ran itself: once the main task has finished no task resumes
+    // (issue 8 item 6), so the callers never see the results.
+    auto cooperative = [&stops_seen](std::stop_token stop, std::thread::id* ran_on) {
+        *ran_on = std::this_thread::get_id();  // read after run() returned (it joined us)
         const auto until = Clock::now() + safety_timeout;
         while (!stop.stop_requested() && Clock::now() < until) std::this_thread::sleep_for(1ms);
         if (stop.stop_requested()) ++stops_seen;
-        return std::this_thread::get_id();
     };
-    auto holder = [&]() -> anyio::Task<> { holder_ran_on = co_await run_sync(cooperative); };
-    auto queued = [&]() -> anyio::Task<> { queued_ran_on = co_await run_sync(cooperative); };
+    auto holder = [&]() -> anyio::Task<> { co_await run_sync(cooperative, &holder_ran_on); };
+    auto queued = [&]() -> anyio::Task<> { co_await run_sync(cooperative, &queued_ran_on); };
     const Stopwatch stopwatch;
     anyio::run([&]() -> anyio::Task<> {
         ids = co_await idle_workers_in_order(2);
@@ -1938,4 +1940,74 @@ TEST_CASE("Thousands of short and blocking calls from many tasks keep every coun
         const auto counts = pool().granted_counts();
         CHECK(counts.queued == counts.claimed + counts.to_backup + counts.to_last);
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 8 item 6: once the main task has finished, no user code runs on the loop
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// What the tasks and callbacks below saw after the main task finished. Shared with workers.
+struct AfterMain {
+    std::atomic<bool> main_done{false};  // set by the main task as its last statement
+    std::atomic<int> steps{0};           // user code run on the loop after that
+    std::atomic<bool> stop_seen{false};  // the leftover call's fn saw the stop request
+
+    void note() {
+        // acquire: pairs with the main task's release store, so "after" means after.
+        if (main_done.load(std::memory_order_acquire)) steps.fetch_add(1, std::memory_order_relaxed);
+    }
+};
+
+// A task outside any group, in a shielded call whose fn returns once leaving run() asks it to
+// stop: its completion arrives after the main task has finished.
+anyio::Task<> leftover_call(std::shared_ptr<AfterMain> after, Signal& running) {
+    auto fn = [after, &running](std::stop_token stop) {
+        running.notify();
+        const auto until = Clock::now() + safety_timeout;
+        while (!stop.stop_requested() && Clock::now() < until) std::this_thread::sleep_for(1ms);
+        after->stop_seen = stop.stop_requested();
+    };
+    co_await run_sync(fn);
+    after->note();  // a task resumed after the main task finished
+}
+
+anyio::Task<> sleep_in_steps(std::shared_ptr<AfterMain> after) {
+    for (;;) {
+        co_await anyio::sleep(1ms);
+        after->note();  // a timer fired after the main task finished
+    }
+}
+
+}  // namespace
+
+TEST_CASE("Once the main task has finished, no task resumes and no timer fires while leaving run "
+          "waits for a busy worker, with and without shutdown_timeout",
+          "[to_thread][shutdown]") {
+    // Leaving run() used to run the loop as usual while it waited for busy workers: the
+    // leftover task resumed when its call returned, sleepers and call_later callbacks ran.
+    const bool with_timeout = GENERATE(false, true);
+    CAPTURE(with_timeout);
+    auto after = std::make_shared<AfterMain>();
+    anyio::EventLoop::Options options;
+    // Far longer than the call takes to see its stop request: run() waits for it either way.
+    if (with_timeout) options.shutdown_timeout = 30s;
+    const auto started = Clock::now();
+    anyio::run(
+        [&]() -> anyio::Task<> {
+            anyio::EventLoop& loop = *anyio::EventLoop::current();
+            Signal running;
+            loop.spawn(leftover_call(after, running));
+            loop.spawn(sleep_in_steps(after));
+            const bool call_running = co_await running.wait();
+            CHECK(call_running);
+            co_await anyio::sleep(5ms);  // the sleeper is asleep too
+            loop.call_later(0ms, [after] { after->note(); });
+            after->main_done.store(true, std::memory_order_release);  // release: see note()
+        }(),
+        options);
+    CHECK(Clock::now() - started < 5s);
+    CHECK(after->stop_seen);  // the call was still running when the main task finished
+    CHECK(after->steps == 0);
 }

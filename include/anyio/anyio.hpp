@@ -5,6 +5,8 @@
 #include "blocking_portal.hpp"
 #include "cancel_scope.hpp"
 #include "capacity_limiter.hpp"
+#include "context.hpp"
+#include "debug.hpp"
 #include "errors.hpp"
 #include "event.hpp"
 #include "event_loop.hpp"

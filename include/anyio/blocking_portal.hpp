@@ -1,4 +1,8 @@
-// anyio-cpp: BlockingPortal: calling async code from plain threads.
+// anyio-cpp: BlockingPortal and start_blocking_portal: a loop running on a thread of its own, so
+// that plain threads (no loop, not a worker) can call async code and wait for it. Built on
+// event_loop.hpp (the portal thread runs a loop), task_group.hpp (the portal's tasks run in one
+// group) and the blocking-call machinery of from_thread.hpp; from a worker thread of a loop, use
+// from_thread.hpp directly.
 #pragma once
 
 #include <exception>
@@ -18,6 +22,7 @@
 
 #include "event.hpp"
 #include "event_loop.hpp"
+#include "detail/context_data.hpp"
 #include "detail/signal_mask.hpp"
 #include "detail/worker_thread.hpp"
 #include "from_thread.hpp"
@@ -36,7 +41,9 @@ namespace anyio {
 ///
 /// Thread safety: call, start_task_soon and stop may be used from any number of threads at
 /// once, except the portal's own loop thread (std::logic_error: it would deadlock). Tasks
-/// run in one task group on the portal's loop. call() allocates nothing beyond the task's
+/// run in one task group on the portal's loop; every call (a task or a plain callable) runs
+/// in a copy of the calling thread's context (context variables, context.hpp), and a task is
+/// named after the coroutine it runs (debug.hpp). call() allocates nothing beyond the task's
 /// frames; start_task_soon() allocates one node (the arguments are copied into it). After
 /// stop(), every call throws RunFinishedError. stop() waits for running tasks; stop(true)
 /// cancels them first. The loop thread is named and joined by stop() or the destructor.
@@ -164,7 +171,8 @@ private:
         template <class Fn, class... As>
         SpawnNode(State* state, Fn&& fn, As&&... args)
             : Runnable(&invoke), state(state), fn(std::forward<Fn>(fn)),
-              args(std::forward<As>(args)...) {}
+              args(std::forward<As>(args)...),
+              context(detail::ContextRef::share(detail::current_context())) {}
 
         static void invoke(detail::Runnable* self, bool run) {
             std::unique_ptr<SpawnNode> node(static_cast<SpawnNode*>(self));
@@ -175,9 +183,14 @@ private:
             }
             std::exception_ptr error;
             try {
+                // The task starts with (a copy of) the calling thread's context.
+                detail::ContextScope in_context(std::move(node->context));
                 TaskGroup* group = tasks.group;
                 Task<R> task = std::apply(node->fn, node->args);
-                group->start_soon(run_task(std::move(task), std::move(node)));
+                const char* function = task.function_name();  // the task is named after it
+                Task<void> body = run_task(std::move(task), std::move(node));
+                body.set_function_name(function);
+                group->start_soon(std::move(body));
             } catch (...) {
                 error = std::current_exception();
             }
@@ -193,6 +206,7 @@ private:
         F fn;
         std::tuple<Args...> args;
         std::promise<R> promise;
+        detail::ContextRef context;  // the calling thread's, until the task starts
     };
 
     explicit BlockingPortal(std::unique_ptr<State> state) noexcept : state_(std::move(state)) {}
@@ -220,8 +234,10 @@ private:
         if (detail::current_worker_loop == state_->token.shared()) {
             // On a worker thread of its own loop, whose shutdown waits for this very worker:
             // the same, through the loop's inbox.
+            // Library work, not user work: accepted while the loop drains (its shutdown
+            // waits for this worker), refused only once it has closed for good.
             State* state = state_.release();
-            if (!state->token.post(&state->let_go)) {
+            if (!state->token.shared()->post(&state->let_go)) {
                 // The loop has already finished (it waits for no worker any more): its
                 // thread is ending, so join it here.
                 state->thread.join();

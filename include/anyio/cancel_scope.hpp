@@ -1,4 +1,7 @@
-// anyio-cpp: CancelScope, move_on_after, fail_after.
+// anyio-cpp: CancelScope, move_on_after, fail_after: trio/anyio cancellation. Scopes form a tree
+// per loop; every wait of event.hpp, capacity_limiter.hpp, sync.hpp, memory_stream.hpp and the
+// sockets is a cancellation point through detail/wait.hpp. task_group.hpp owns one scope per
+// group; to_thread.hpp decides how a running call meets a cancellation (shielded or abandoned).
 #pragma once
 
 #include <chrono>

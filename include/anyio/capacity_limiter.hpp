@@ -1,4 +1,7 @@
-// anyio-cpp: CapacityLimiter.
+// anyio-cpp: CapacityLimiter: anyio's loop-thread token bound. to_thread::run_sync borrows one
+// token per call from the loop's default limiter (40, to_thread.hpp) or from one it is given;
+// file.hpp and getaddrinfo.hpp use that parameter. Waiters queue first in, first out in intrusive
+// nodes (detail/wait.hpp), so waiting allocates nothing.
 #pragma once
 
 #include <coroutine>

@@ -6,6 +6,7 @@
 // says what went wrong and what to do about it.
 #pragma once
 
+#include <cstddef>
 #include <exception>
 #include <stdexcept>
 #include <string>
@@ -95,11 +96,17 @@ public:
                              " this resource; only one task may do so at a time") {}
 };
 
-/// Several exceptions raised together (by the children of a task group).
+/// Several exceptions raised together (by the children of a task group). Its message lists
+/// each error, with the task that raised it when known ("task 'fetch_user' (id 7): ...").
 class ExceptionGroup : public std::runtime_error {
 public:
     explicit ExceptionGroup(std::vector<std::exception_ptr> exceptions)
-        : std::runtime_error(describe(exceptions)), exceptions_(std::move(exceptions)) {}
+        : ExceptionGroup(std::move(exceptions), {}) {}
+
+    /// `sources[i]` says where `exceptions[i]` came from, for the message (a task group passes
+    /// "task 'name' (id N)"); missing or empty entries say nothing.
+    ExceptionGroup(std::vector<std::exception_ptr> exceptions, const std::vector<std::string>& sources)
+        : std::runtime_error(describe(exceptions, sources)), exceptions_(std::move(exceptions)) {}
 
     /// The exceptions, in the order they were raised.
     [[nodiscard]] const std::vector<std::exception_ptr>& exceptions() const noexcept {
@@ -107,17 +114,24 @@ public:
     }
 
 private:
-    static std::string describe(const std::vector<std::exception_ptr>& exceptions) {
+    static std::string describe(const std::vector<std::exception_ptr>& exceptions,
+                                const std::vector<std::string>& sources) {
         std::string message = "anyio::ExceptionGroup: " + std::to_string(exceptions.size()) +
                               " tasks failed (inspect exceptions() for each error):";
-        for (const auto& e : exceptions) {
+        for (std::size_t i = 0; i < exceptions.size(); ++i) {
+            message += "\n  - ";
+            if (i < sources.size() && !sources[i].empty()) {
+                message += sources[i];
+                message += ": ";
+            }
             try {
-                std::rethrow_exception(e);
+                std::rethrow_exception(exceptions[i]);
             } catch (const std::exception& error) {
-                message += "\n  - ";
                 message += error.what();
+            } catch (const Cancelled& cancelled) {
+                message += cancelled.what();
             } catch (...) {
-                message += "\n  - (an exception not derived from std::exception)";
+                message += "(an exception not derived from std::exception)";
             }
         }
         return message;

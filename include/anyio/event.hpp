@@ -1,4 +1,7 @@
-// anyio-cpp: Event, sleep, sleep_until, checkpoint, current_time.
+// anyio-cpp: Event, sleep, sleep_until, checkpoint, current_time: the basic waits of a task on its
+// loop (the ready queue and timers of event_loop.hpp), each a cancellation point
+// (cancel_scope.hpp). sync.hpp builds Lock, Semaphore and Condition on the same wait machinery
+// (detail/wait.hpp).
 #pragma once
 
 #include <chrono>

@@ -1,4 +1,8 @@
-// anyio-cpp: the event loop, run(), LoopToken.
+// anyio-cpp: EventLoop, run(), LoopToken, lowlevel::current_token / current_task: the single-
+// threaded loop every other header runs on. It holds the ready queue, the timers, the lock-free
+// inbox for other threads (detail/remote_inbox.hpp), the poller behind io.hpp and the sockets
+// (detail/poller.hpp), the loop services (the worker pool of to_thread.hpp), the blocked-loop
+// detector (debug.hpp) and the shutdown sequence.
 #pragma once
 
 #include <algorithm>
@@ -8,6 +12,8 @@
 #include <coroutine>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <exception>
 #include <functional>
@@ -15,6 +21,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -22,7 +29,9 @@
 
 #include <sys/prctl.h>
 
+#include "detail/context_data.hpp"
 #include "detail/intrusive_list.hpp"
+#include "detail/loop_monitor.hpp"
 #include "detail/loop_thread.hpp"
 #include "detail/poller.hpp"
 #include "detail/remote_inbox.hpp"
@@ -42,17 +51,102 @@ class EventLoop;
 namespace detail {
 
 /// Something that hangs on a loop for the loop's lifetime (anyio's RunVar): the worker pool
-/// and the default limiter. `shutdown` runs while the loop can still process completions.
+/// and the default limiter. Leaving run() calls the hooks in this order (EventLoop::shutdown):
+/// once the main task has finished and the loop runs no user code any more, `shutdown` (stop
+/// starting work, ask what still runs to stop; must not wait); then, while the tasks still
+/// alive are destroyed newest first, `holds` (a task it holds is not destroyed until it lets
+/// go: the loop processes library posts meanwhile); then `finish_shutdown` (wait for threads
+/// with EventLoop::drain_posts, or give up on them). The loop still processes completions
+/// until the last one has returned.
 class LoopService {
 public:
     virtual ~LoopService() = default;
     virtual void shutdown(EventLoop& /*loop*/) {}
+    /// True while work of this service still writes into a frame of `task` (a worker running
+    /// a job that lives in the frame): the frame must not be destroyed yet.
+    virtual bool holds(const TaskState& /*task*/) noexcept { return false; }
+    virtual void finish_shutdown(EventLoop& /*loop*/) {}
 };
 
 template <class Service>
 inline const char service_key = 0;
 
+/// The default of LoopOptions::slow_callback_duration: 100 ms when the environment has
+/// ANYIO_DEBUG set to something other than "" or "0" (as PYTHONASYNCIODEBUG), else off.
+inline std::optional<std::chrono::steady_clock::duration> debug_slow_callback_duration() {
+    const char* debug = std::getenv("ANYIO_DEBUG");
+    if (debug == nullptr || *debug == '\0' || std::strcmp(debug, "0") == 0) return std::nullopt;
+    return std::chrono::milliseconds(100);
+}
+
+/// `fn` bound to a copy of the context of the code calling this: it runs in that copy (as
+/// asyncio runs a call_soon callback in the context current at the call).
+template <class F>
+auto in_current_context(F&& fn) {
+    return [context = ContextRef::share(current_context()),
+            fn = std::decay_t<F>(std::forward<F>(fn))]() mutable {
+        ContextScope scope(std::move(context));
+        fn();
+    };
+}
+
+/// How a task is called in TaskInfo and in messages: its name, or "task-<id>" when it has
+/// none (a lambda's "operator()" counts as none).
+inline std::string task_display_name(const char* name, std::uint64_t id) {
+    if (name == nullptr || *name == '\0' || std::strcmp(name, "operator()") == 0) {
+        return "task-" + std::to_string(id);
+    }
+    return name;
+}
+
+/// How EventLoop::spawn names a new task and whose child it is.
+struct SpawnInfo {
+    std::string_view name{};             // a given name, copied into the task's block
+    const TaskState* parent = nullptr;   // the task that starts it; nullptr: none
+};
+
 }  // namespace detail
+
+/// What anyio::get_current_task() and get_running_tasks() (debug.hpp) report about a task
+/// (anyio's TaskInfo). A snapshot: it owns its strings and stays valid after the task ends.
+struct TaskInfo {
+    /// Unique among the tasks of its loop, from 1 in the order they were started.
+    std::uint64_t id = 0;
+    /// The name given with anyio::named(), else the coroutine function's name where the
+    /// compiler gives it ("fetch_user"), else "task-<id>".
+    std::string name;
+    /// The task that started it (a task group's host task, the task whose worker called
+    /// from_thread::run); empty for a loop's main task and for tasks started from other threads.
+    std::optional<std::uint64_t> parent_id;
+
+    friend bool operator==(const TaskInfo& a, const TaskInfo& b) noexcept { return a.id == b.id; }
+};
+
+/// One report of the blocked-loop detector (LoopOptions::slow_callback_duration).
+struct SlowCallbackInfo {
+    /// The task whose step blocked the loop; empty for a plain callback (call_soon, a timer,
+    /// a from_thread::run_sync call running on the loop).
+    std::optional<TaskInfo> task;
+    /// How long the step kept the loop; while still_running, how long so far.
+    std::chrono::steady_clock::duration duration{};
+    /// True for the watchdog's report of a step that is still running (3x the threshold).
+    bool still_running = false;
+
+    /// The line the default handler prints (without the newline), e.g. "anyio: task 'handler'
+    /// (id 12) blocked the event loop for 0.250 s; move blocking calls into
+    /// to_thread::run_sync". Allocates.
+    [[nodiscard]] std::string message() const {
+        std::string what = task ? "task '" + task->name + "' (id " + std::to_string(task->id) + ")"
+                                : std::string("a callback");
+        char seconds[48];
+        std::snprintf(seconds, sizeof seconds, "%.3f s",
+                      std::chrono::duration<double>(duration).count());
+        return "anyio: " + what +
+               (still_running ? " has been blocking the event loop for " : " blocked the event loop for ") +
+               seconds + (still_running ? " and is still running" : "") +
+               "; move blocking calls into to_thread::run_sync";
+    }
+};
 
 /// Settings of one event loop (an aggregate: use designated initializers, in this order).
 struct LoopOptions {
@@ -81,6 +175,19 @@ struct LoopOptions {
     /// call_soon_threadsafe callback (asyncio's exception handler). It never replaces what
     /// run() returns. Empty: one line on stderr. An exception it throws is dropped.
     std::function<void(std::exception_ptr)> on_callback_error{};
+    /// The blocked-loop detector (asyncio's slow_callback_duration): a task step or callback
+    /// that keeps the loop this long or longer is reported to on_slow_callback once it ends,
+    /// and one still running after 3 times this long is reported while it runs, by a watchdog
+    /// thread (once per step). Empty: off, with no thread and no clock read per step. Default:
+    /// off, or 100 ms when the environment has ANYIO_DEBUG=1 (read when the Options object is
+    /// made). On, each step costs two clock reads.
+    std::optional<std::chrono::steady_clock::duration> slow_callback_duration =
+        detail::debug_slow_callback_duration();
+    /// Called with each report of the detector: on the loop thread for a step that has ended,
+    /// on the watchdog thread for one still running (SlowCallbackInfo::still_running), so it
+    /// must be thread-safe and must not call into the loop. Empty: prints
+    /// SlowCallbackInfo::message() as one line on stderr. An exception it throws is dropped.
+    std::function<void(const SlowCallbackInfo&)> on_slow_callback{};
 };
 
 /// A copyable handle to a loop that any thread may hold, even after the loop has finished:
@@ -90,23 +197,26 @@ class LoopToken {
 public:
     LoopToken() noexcept = default;
 
-    /// Runs `fn()` on the loop thread soon (any thread; allocates one node).
+    /// Runs `fn()` on the loop thread soon (any thread; allocates one node), in a copy of the
+    /// calling code's context (context variables: context.hpp), as asyncio does.
     template <class F>
     void call_soon_threadsafe(F&& fn) const {
-        detail::Runnable* node = detail::make_callback(std::forward<F>(fn));
+        detail::Runnable* node = detail::make_callback(detail::in_current_context(std::forward<F>(fn)));
         if (!post(node)) {
             node->invoke_(node, false);
             throw RunFinishedError();
         }
     }
 
-    /// True once the loop has finished (or for an empty token).
+    /// True once the loop has finished (or for an empty token): from the moment its main task
+    /// has finished, when it stops accepting user work.
     [[nodiscard]] bool finished() const noexcept { return !shared_ || shared_->closed(); }
     [[nodiscard]] explicit operator bool() const noexcept { return shared_ != nullptr; }
     friend bool operator==(const LoopToken&, const LoopToken&) = default;
 
-    /// Low-level: posts an intrusive node; false if the loop has finished.
-    bool post(detail::Runnable* node) const noexcept { return shared_ && shared_->post(node); }
+    /// Low-level: posts an intrusive node of user work; false if the loop has finished (from
+    /// the moment its main task has finished: no user code runs on the loop after that).
+    bool post(detail::Runnable* node) const noexcept { return shared_ && shared_->post_user(node); }
     [[nodiscard]] detail::LoopShared* shared() const noexcept { return shared_.get(); }
     [[nodiscard]] const std::shared_ptr<detail::LoopShared>& shared_state() const noexcept {
         return shared_;
@@ -130,10 +240,15 @@ private:
 /// task or a timer allocates nothing (the public call_soon* wrap a callable in one node, each
 /// task is one block besides its frames). An exception escaping a callback goes to
 /// Options::on_callback_error and never to run()'s caller.
-/// Shutdown (when run() returns, whatever way it leaves): services such as the worker pool
-/// are shut down while the loop still processes completions, then the remote inbox is closed
-/// (later posts throw RunFinishedError), and every task frame still alive is destroyed.
-/// After that call_soon and call_at throw RunFinishedError.
+/// Shutdown (see shutdown() for the sequence): once the main task has finished, no user code
+/// runs on the loop any more: no task is resumed, no timer fires, and call_soon_threadsafe
+/// and from_thread calls throw RunFinishedError (token().finished() is true from then on).
+/// The frames still alive are destroyed newest first, workers are joined (or given up on
+/// after shutdown_timeout), and the inbox is closed for good. After that call_soon and
+/// call_at throw RunFinishedError.
+/// Debugging: every task has an id and a name (debug.hpp); with Options::slow_callback_duration
+/// set, run() times each step and keeps a watchdog thread for its duration (detail/
+/// loop_monitor.hpp); with it unset (the default) there is no such thread and no timing.
 class EventLoop {
 public:
     using clock = std::chrono::steady_clock;
@@ -171,15 +286,18 @@ public:
     /// Runs `fn()` on the loop soon, after what is already scheduled. Loop thread only (or,
     /// before the loop runs, the thread that created it: std::logic_error otherwise); throws
     /// RunFinishedError once run() has finished. Allocates one node. An exception escaping
-    /// `fn` goes to Options::on_callback_error.
+    /// `fn` goes to Options::on_callback_error. `fn` runs in a copy of the calling code's
+    /// context (context variables, context.hpp), as in asyncio; so do call_soon_threadsafe's
+    /// and call_at's callbacks.
     template <class F>
     void call_soon(F&& fn) {
         require_loop_thread("call_soon");
-        ready_.push(detail::make_callback(std::forward<F>(fn)));
+        ready_.push(detail::make_callback(detail::in_current_context(std::forward<F>(fn))));
     }
 
     /// Runs `fn()` on the loop thread soon; any thread. Lock-free: one CAS, plus a wake-up
-    /// only when the loop is parked. Throws RunFinishedError once the loop has finished.
+    /// only when the loop is parked. Throws RunFinishedError once the loop has finished (from
+    /// the moment its main task has finished); one that raced with that end is freed unrun.
     template <class F>
     void call_soon_threadsafe(F&& fn) {
         token().call_soon_threadsafe(std::forward<F>(fn));
@@ -189,7 +307,7 @@ public:
     template <class F>
     void call_at(time_point when, F&& fn) {
         require_loop_thread("call_at");
-        using Fn = std::decay_t<F>;
+        using Fn = decltype(detail::in_current_context(std::forward<F>(fn)));
         struct Node final : detail::TimerNode {
             explicit Node(Fn&& f) : TimerNode(&fire), fn(std::move(f)) {}
             static void fire(TimerNode* self, bool run) {
@@ -198,7 +316,7 @@ public:
             }
             Fn fn;
         };
-        auto node = std::make_unique<Node>(Fn(std::forward<F>(fn)));
+        auto node = std::make_unique<Node>(detail::in_current_context(std::forward<F>(fn)));
         add_timer(node.get(), when);
         node.release();
     }
@@ -238,18 +356,34 @@ public:
 
     /// Starts `body` as a new task (scheduled, not yet run). `on_done(owner, task)` is called
     /// on the loop when it ends (task.outcome_ and task.error_ say how), where nothing may
-    /// throw. The TaskState lives in the task's root block (one allocation: bad_alloc leaves
-    /// nothing started). Loop thread (or its owner before run()).
+    /// throw. The TaskState lives in the task's root block (one allocation, with the given
+    /// name if any: bad_alloc leaves nothing started). The task is named `info.name`, else
+    /// after `body.function_name()`; it runs in a copy of the calling code's context (the
+    /// running task's, or this thread's). Loop thread (or its owner before run()).
     detail::TaskState& spawn(Task<void> body, detail::TaskState::OnDone on_done = nullptr,
-                             void* owner = nullptr) {
+                             void* owner = nullptr, const detail::SpawnInfo& info = {}) {
         require_loop_thread("spawn");
-        auto* task = new detail::RootTask(body.release());  // nothing else can throw
+        const char* function = body.function_name();
+        auto* task = detail::RootTask::create(body.release(), info.name);  // nothing else throws
         task->loop_ = this;
         task->on_done_ = on_done;
         task->owner_ = owner;
+        task->id_ = ++last_task_id_;
+        task->parent_id_ = info.parent != nullptr ? info.parent->id_ : 0;
+        // relaxed: see TaskState::name_ (the task is not running yet).
+        if (info.name.empty()) task->name_.store(function, std::memory_order_relaxed);
+        task->context_ = detail::current_context();
+        retain(task->context_);
         live_tasks_.push_back(*task);
         ready_.push(task);
         return *task;
+    }
+
+    /// Calls `fn(task)` for every task of this loop that has not ended, oldest first. `fn`
+    /// must not start or end tasks. Loop thread.
+    template <class F>
+    void for_each_task(F&& fn) {
+        live_tasks_.for_each([&](detail::TaskState& task) { fn(task); });
     }
 
     /// The loop's instance of `Service` (created on first use, destroyed with the loop).
@@ -265,11 +399,23 @@ public:
         return result;
     }
 
-    /// Runs loop iterations until `done()` holds (loop thread; used during shutdown).
+    /// Runs loop iterations until `done()` holds (loop thread; not once the main task has
+    /// finished: shutdown waits with drain_posts instead).
     template <class Predicate>
     void run_until(Predicate&& done) {
         while (!done()) run_once();
     }
+
+    /// Shutdown only (loop thread, once the main task has finished): runs the library posts
+    /// that have arrived (job completions, exited workers), waiting for one until `until` (for
+    /// ever if empty) when there is none. User work no longer arrives; what the posts schedule
+    /// is dropped unrun, and no timer fires. Returns after one batch, a timeout or a spurious
+    /// wake-up: callers loop on their own condition.
+    void drain_posts(std::optional<time_point> until) noexcept;
+
+    /// True once the main task has finished (loop thread): from then on the loop runs no user
+    /// code (see shutdown()).
+    [[nodiscard]] bool draining() const noexcept { return draining_; }
 
     /// Work handed to another thread whose completion will come back through the inbox: while
     /// any is outstanding, the loop spins briefly before parking (a completion is imminent).
@@ -310,23 +456,55 @@ private:
         std::unique_ptr<detail::LoopService> service;
     };
 
-    void run_once();
+    void run_once() {
+        if (monitor_ == nullptr) [[likely]] {
+            run_turn<false>();
+        } else {
+            run_turn<true>();
+        }
+    }
+    template <bool Monitored>
+    void run_turn();
+    template <bool Monitored>
     void fire_due_timers(time_point now);
     void park(time_point now);
+    void begin_draining() noexcept;
     void shutdown() noexcept;
+    void destroy_tasks_when_released() noexcept;
+    [[nodiscard]] bool held_by_service(const detail::TaskState& task) noexcept;
     void close_without_running() noexcept;
     void fail_remote_posts() noexcept;
+    static void dispose(detail::LoopShared::Chain chain) noexcept;
     void drop_ready_queue() noexcept;
     void destroy_live_tasks() noexcept;
     void free_unfired_timers() noexcept;
     void report_callback_error(std::exception_ptr error) noexcept;
     void run_node(detail::Runnable* node) noexcept {
         try {
-            node->invoke_(node, true);
+            // Once the main task has finished (it may finish in the middle of a batch or of
+            // the inbox), what is left of the turn is disposed of unrun: no user code after it.
+            node->invoke_(node, !draining_);
         } catch (...) {
             report_callback_error(std::current_exception());
         }
     }
+    /// One step: run_node, timed by the blocked-loop detector when it is on.
+    template <bool Monitored>
+    void run_step(detail::Runnable* node) noexcept {
+        if constexpr (Monitored) {
+            detail::TaskState* task = node->invoke_ == &detail::run_task
+                                          ? static_cast<detail::TaskState*>(node)
+                                          : nullptr;
+            monitor_->begin_step(task);
+            run_node(node);
+            monitor_->end_step();
+        } else {
+            run_node(node);
+        }
+    }
+    void start_monitor();
+    void stop_monitor() noexcept;
+    static void report_slow_step(void* loop, const detail::SlowStep& step) noexcept;
 
     Options options_;
     std::shared_ptr<detail::LoopShared> shared_;
@@ -337,9 +515,12 @@ private:
     std::vector<ServiceEntry> services_;
     std::int64_t remote_in_flight_ = 0;
     detail::SpinPolicy spin_;
+    std::unique_ptr<detail::LoopMonitor> monitor_;  // the blocked-loop detector, while on
+    std::uint64_t last_task_id_ = 0;
     std::atomic<std::thread::id> owner_;  // the thread that may use the loop before it runs
-    bool running_ = false;                // loop thread only (as finished_)
+    bool running_ = false;                // loop thread only (as finished_ and draining_)
     bool finished_ = false;
+    bool draining_ = false;               // the main task has finished: no user code runs
 };
 
 namespace detail {
@@ -405,25 +586,36 @@ T EventLoop::run(Task<T> main) {
         EventLoop* loop;
         int previous_slack;
         ~Leave() {
+            loop->stop_monitor();
             if (!loop->finished_) loop->close_without_running();
             if (previous_slack > 0) {
                 ::prctl(PR_SET_TIMERSLACK, static_cast<unsigned long>(previous_slack), 0, 0, 0);
             }
         }
     } leave{this, previous_slack};
-    spawn(detail::deliver_result<T>(std::move(main), &state.result),
+    // The main task is named after `main`'s coroutine, not after the wrapper that delivers
+    // its result.
+    const char* main_function = main.function_name();
+    Task<void> body = detail::deliver_result<T>(std::move(main), &state.result);
+    body.set_function_name(main_function);
+    spawn(std::move(body),
           [](void* owner, detail::TaskState& task) {
               auto* main_state = static_cast<MainState*>(owner);
               if (task.error_) main_state->result.set_exception(task.error_);
               main_state->done = true;
+              task.loop_->begin_draining();  // at once: nothing else of this turn runs
           },
           &state);
+    if (options_.slow_callback_duration) start_monitor();
     run_until([&] { return state.done; });
     shutdown();
     return state.result.take();
 }
 
-inline void EventLoop::run_once() {
+// One loop turn. Monitored: every step is timed by the blocked-loop detector (a separate
+// instantiation, so that with the detector off a turn costs what it did without one).
+template <bool Monitored>
+void EventLoop::run_turn() {
     // Sleep first when there is nothing to do, so the caller's predicate is checked after
     // every batch of work and before any wait.
     if (ready_.empty() && !shared_->has_posts()) park(clock::now());
@@ -431,14 +623,14 @@ inline void EventLoop::run_once() {
     if (auto chain = shared_->take_all(); chain.first != nullptr) {
         for (detail::Runnable* node = chain.first; node != nullptr;) {
             detail::Runnable* next = node->next_;  // read first: running may free the node
-            run_node(node);
+            run_step<Monitored>(node);
             node = next;
         }
     }
     // The clock is read only when a timer may be due: a turn that only hands work between
     // tasks (streams, locks) costs no clock read.
     if (!timers_.empty()) {
-        fire_due_timers(clock::now());
+        fire_due_timers<Monitored>(clock::now());
     } else {
         timers_.shrink_if_sparse();  // a burst of timers that all went away gives memory back
     }
@@ -448,22 +640,69 @@ inline void EventLoop::run_once() {
     }
     // Run what is ready now; what these schedule runs on the next turn, after I/O and timers.
     detail::RunQueue batch = std::exchange(ready_, detail::RunQueue{});
-    while (detail::Runnable* node = batch.pop()) run_node(node);
+    while (detail::Runnable* node = batch.pop()) run_step<Monitored>(node);
 }
 
-inline void EventLoop::fire_due_timers(time_point now) {
+template <bool Monitored>
+void EventLoop::fire_due_timers(time_point now) {
     // Only the timers due when the pass began: one that re-arms itself in the past (a deadline
     // computed with an overflow, say) fires once per loop turn, and tasks still run between.
     timers_.begin_pass(now);
-    while (detail::TimerNode* timer = timers_.pass_due()) {
+    // None once the main task has finished (a timer callback may be what finished it).
+    while (detail::TimerNode* timer = draining_ ? nullptr : timers_.pass_due()) {
         timers_.remove(timer);
+        if constexpr (Monitored) monitor_->begin_step(nullptr);
         try {
             timer->fire_(timer, true);
         } catch (...) {
             report_callback_error(std::current_exception());
         }
+        if constexpr (Monitored) monitor_->end_step();
     }
     timers_.shrink_if_sparse();
+}
+
+/// Turns the detector on for this run (run() calls it when slow_callback_duration is set):
+/// the monitor, the watchdog thread, and the hook a task's end goes through.
+inline void EventLoop::start_monitor() {
+    auto monitor = std::make_unique<detail::LoopMonitor>(*options_.slow_callback_duration,
+                                                         &EventLoop::report_slow_step, this);
+    monitor->start();  // std::system_error: run() fails before anything ran
+    detail::task_end_watcher = monitor->watcher();
+    monitor_ = std::move(monitor);
+}
+
+/// Stops the watchdog (before the frames of suspended tasks are destroyed, which it must not
+/// see) and turns the detector off.
+inline void EventLoop::stop_monitor() noexcept {
+    if (monitor_ == nullptr) return;
+    monitor_->stop();
+    detail::task_end_watcher = nullptr;
+    monitor_.reset();
+}
+
+/// Turns the monitor's report into a SlowCallbackInfo for Options::on_slow_callback (or the
+/// default line on stderr). Loop thread, or the watchdog thread: reads only the options.
+inline void EventLoop::report_slow_step(void* loop, const detail::SlowStep& step) noexcept {
+    const Options& options = static_cast<EventLoop*>(loop)->options_;
+    try {
+        SlowCallbackInfo info;
+        info.duration = step.duration;
+        info.still_running = step.still_running;
+        if (step.has_task) {
+            info.task = TaskInfo{step.task_id, detail::task_display_name(step.task_name, step.task_id),
+                                 step.parent_id != 0 ? std::optional<std::uint64_t>(step.parent_id)
+                                                     : std::nullopt};
+        }
+        if (options.on_slow_callback) {
+            options.on_slow_callback(info);
+        } else {
+            const std::string line = info.message() + "\n";
+            std::fputs(line.c_str(), stderr);
+        }
+    } catch (...) {
+        // Out of memory, or the handler threw: a report is not worth more than the loop.
+    }
 }
 
 inline void EventLoop::park(time_point now) {
@@ -519,8 +758,40 @@ inline void EventLoop::report_callback_error(std::exception_ptr error) noexcept 
     }
 }
 
+/// The main task has finished: from now on no user code runs on the loop. The inbox refuses
+/// user work (call_soon_threadsafe and from_thread calls throw RunFinishedError), and what it
+/// still held is disposed of unrun (a blocked from_thread caller gets RunFinishedError).
+/// Called by the main task's end, at once, so nothing left of that loop turn runs either.
+inline void EventLoop::begin_draining() noexcept {
+    if (draining_) return;
+    draining_ = true;
+    dispose(shared_->close_to_user());
+}
+
+/// Leaving run(), after the main task has finished (API.md: "Once the main task has finished,
+/// no user code runs on the loop any more"; trio's rule):
+/// 1. Draining (begin_draining, when main ended): the inbox is closed to user work, its
+///    leftovers disposed of; the ready queue is dropped; no task is resumed and no timer
+///    fires from here on. Library posts (job completions, exited workers) are still processed
+///    (drain_posts), and what they schedule is dropped unrun.
+/// 2. Services stop (LoopService::shutdown): the worker pool starts no more calls, asks the
+///    running ones to stop (stop_token, check_cancelled) and retires its idle workers.
+/// 3. The frames still alive are destroyed, newest task first (a child is newer than the
+///    task hosting its group or scope). A task a service still holds (a worker is running a
+///    job that lives in one of its frames: a shielded run_sync without shutdown_timeout) is
+///    not destroyed until the job's completion has arrived: the loop processes library posts
+///    meanwhile. Destroying a frame releases the from_thread callers blocked on its task with
+///    RunFinishedError, which lets their workers finish, which releases the older tasks.
+///    (With shutdown_timeout every job lives on the heap, so no frame is held.) A held job
+///    whose fn waits for something only user code on the loop would give it ends only when
+///    it honours the stop request: without shutdown_timeout run() waits for it, as for any
+///    busy worker.
+/// 4. Services finish (LoopService::finish_shutdown): the pool waits for its busy workers (at
+///    most shutdown_timeout, then gives up on the rest) and joins every worker.
+/// 5. close_without_running: the inbox is closed for good, services and timers are freed.
 inline void EventLoop::shutdown() noexcept {
-    // Services (the worker pool) stop while completions can still be processed.
+    begin_draining();
+    drop_ready_queue();
     for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
         try {
             it->service->shutdown(*this);
@@ -528,15 +799,78 @@ inline void EventLoop::shutdown() noexcept {
             report_callback_error(std::current_exception());
         }
     }
+    stop_monitor();  // no user step runs from here on: nothing left for the watchdog to report
+    destroy_tasks_when_released();
+    for (auto it = services_.rbegin(); it != services_.rend(); ++it) {
+        try {
+            it->service->finish_shutdown(*this);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+    }
     close_without_running();
+}
+
+/// Step 3 of shutdown(): destroys the live tasks newest first, waiting for the services to let
+/// go of a task they still hold.
+inline void EventLoop::destroy_tasks_when_released() noexcept {
+    while (detail::TaskState* task = live_tasks_.back()) {
+        if (held_by_service(*task)) {
+            drain_posts(std::nullopt);
+            continue;
+        }
+        live_tasks_.pop_back();
+        detail::destroy_task_frames(static_cast<detail::RootTask&>(*task));
+        drop_ready_queue();
+    }
+}
+
+inline bool EventLoop::held_by_service(const detail::TaskState& task) noexcept {
+    for (auto& entry : services_) {
+        if (entry.service->holds(task)) return true;
+    }
+    return false;
+}
+
+inline void EventLoop::drain_posts(std::optional<time_point> until) noexcept {
+    auto chain = shared_->take_all();
+    if (chain.first == nullptr) {
+        // Park on the futex alone, whatever the poller waits for: a post wakes the futex, and
+        // nothing else (I/O, timers) is of interest any more.
+        std::timespec timeout{};
+        const std::timespec* timeout_ptr = nullptr;
+        if (until) {
+            const time_point now = clock::now();
+            if (*until <= now) return;
+            timeout = detail::to_timespec(*until - now);
+            timeout_ptr = &timeout;
+        }
+        if (shared_->prepare_to_park(detail::LoopShared::parked_on_futex)) {
+            shared_->park_on_futex(timeout_ptr);
+        }
+        chain = shared_->take_all();
+    }
+    // Only library work arrives now (the user half of the inbox is closed), and it must run:
+    // a completion returns its worker to the pool, which is what shutdown waits for.
+    for (detail::Runnable* node = chain.first; node != nullptr;) {
+        detail::Runnable* next = node->next_;  // read first: running may free the node
+        try {
+            node->invoke_(node, true);
+        } catch (...) {
+            report_callback_error(std::current_exception());
+        }
+        node = next;
+    }
+    drop_ready_queue();  // a completion schedules its caller: no task resumes any more
 }
 
 /// Closes the loop without running anything more: the last step of run(), and all of
 /// ~EventLoop for a loop that never ran.
 ///
 /// Why nothing is touched after it is freed:
-/// 1. The inbox is closed first, so no other thread can add work from now on (they get
-///    RunFinishedError), and what it still holds is disposed of unrun.
+/// 1. The inbox is closed for good first, so no other thread can add work from now on (they
+///    get RunFinishedError; a worker drops its completion), and what it still holds is
+///    disposed of unrun.
 /// 2. The ready queue is dropped before any frame goes away, and again after each task's
 ///    frames are destroyed: a queued node may point into a frame, and a destructor in a frame
 ///    may wake an older task (an Event set, a limiter token handed on).
@@ -561,8 +895,11 @@ inline void EventLoop::close_without_running() noexcept {
 }
 
 /// Closes the inbox (later posts throw RunFinishedError) and disposes of what it still holds.
-inline void EventLoop::fail_remote_posts() noexcept {
-    auto chain = shared_->close();
+inline void EventLoop::fail_remote_posts() noexcept { dispose(shared_->close()); }
+
+/// Disposes of a chain taken from the inbox unrun (a blocked from_thread caller gets
+/// RunFinishedError; a callback is freed).
+inline void EventLoop::dispose(detail::LoopShared::Chain chain) noexcept {
     for (detail::Runnable* node = chain.first; node != nullptr;) {
         detail::Runnable* next = node->next_;  // read first: disposing may free the node
         node->invoke_(node, false);

@@ -1,4 +1,7 @@
-// anyio-cpp: from_thread: calling back into the loop from worker threads and other threads.
+// anyio-cpp: from_thread::run / run_sync / check_cancelled: calling back into the loop from a
+// worker thread of to_thread::run_sync, or from any thread holding a LoopToken (event_loop.hpp).
+// The caller blocks on its own stack; the call runs on the loop as a task or a callback. Plain
+// threads with no loop use blocking_portal.hpp.
 #pragma once
 
 #include <atomic>
@@ -14,6 +17,7 @@
 #include <variant>
 
 #include "cancel_scope.hpp"
+#include "detail/context_data.hpp"
 #include "detail/remote_inbox.hpp"
 #include "detail/result.hpp"
 #include "detail/runnable.hpp"
@@ -89,14 +93,20 @@ inline Target resolve(const LoopToken& token, const char* what) {
 }
 
 /// A call parked on the calling thread's stack until the loop has handled it: no allocation.
+/// It runs in a copy of the calling thread's context (context variables: a worker's is its
+/// job's, a copy of the context of the task that called run_sync).
 template <class R>
 class BlockingCall : public anyio::detail::Runnable {
 public:
-    explicit BlockingCall(Invoke invoke) noexcept : Runnable(invoke) {}
+    explicit BlockingCall(Invoke invoke) noexcept
+        : Runnable(invoke),
+          context_(anyio::detail::ContextRef::share(anyio::detail::current_context())) {}
 
-    /// Posts the call and blocks until the loop finishes it; returns or rethrows.
+    /// Posts the call and blocks until the loop finishes it; returns or rethrows. User work:
+    /// refused (RunFinishedError) once the loop's main task has finished; a call that was
+    /// posted but not run by then is disposed of with RunFinishedError.
     R post_and_wait(anyio::detail::LoopShared& loop) {
-        if (!loop.post(this)) throw RunFinishedError();
+        if (!loop.post_user(this)) throw RunFinishedError();
         wait();
         return result_.take();
     }
@@ -113,6 +123,10 @@ public:
     }
 
     anyio::detail::Result<R> result_;
+
+protected:
+    /// The caller's context, taken over (on the loop) by the code that runs the call.
+    anyio::detail::ContextRef context_;
 
 private:
     void wait() noexcept {
@@ -141,7 +155,10 @@ public:
 private:
     static void invoke(anyio::detail::Runnable* self, bool run) {
         auto* call = static_cast<SyncCall*>(self);
-        if (run) call->result_.capture([call]() -> R { return std::apply(call->fn_, call->args_); });
+        if (run) {
+            anyio::detail::ContextScope in_context(std::move(call->context_));
+            call->result_.capture([call]() -> R { return std::apply(call->fn_, call->args_); });
+        }
         call->finish();
     }
     F& fn_;
@@ -170,6 +187,8 @@ private:
         }
         std::exception_ptr error;
         try {
+            // The task starts with (a copy of) the caller's context.
+            anyio::detail::ContextScope in_context(std::move(call->context_));
             call->start(*EventLoop::current());
         } catch (...) {
             error = std::current_exception();
@@ -184,26 +203,32 @@ private:
 
     void start(EventLoop& loop) {
         Task<R> task = std::apply(fn_, args_);  // creates the frame; nothing runs yet
+        const char* function = task.function_name();  // the task is named after it
         if (const auto* portal = std::get_if<InPortal>(&where_)) {
             PortalTasks& tasks = *portal->tasks;
             if (tasks.stopped || tasks.group == nullptr) throw RunFinishedError();
-            tasks.group->start_soon(deliver(std::move(task), this));
+            Task<void> body = deliver(std::move(task), this);
+            body.set_function_name(function);
+            tasks.group->start_soon(std::move(body));
             return;
         }
         anyio::detail::JobBase* job = std::get<UnderCaller>(where_).job;
         CancelScope* parent = nullptr;
+        anyio::detail::SpawnInfo info;
         if (job != nullptr) {
             if (job->caller_left()) {
                 scope_.cancel();  // the host was cancelled and left: so is this call
             } else {
                 parent = job->host_scope_;
+                info.parent = job->host_;  // the task that called run_sync
             }
         }
         Task<void> body = deliver(std::move(task), this);
+        body.set_function_name(function);
         scope_.activate(loop, parent);
         if (job != nullptr) job->call_scope_ = &scope_;
         try {
-            scope_.adopt(loop.spawn(std::move(body)));
+            scope_.adopt(loop.spawn(std::move(body), nullptr, nullptr, info));
         } catch (...) {
             // Out of memory: unlink the scope (it lives on the caller's stack) before the
             // caller is released with the error.

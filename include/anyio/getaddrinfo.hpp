@@ -1,4 +1,6 @@
-// anyio-cpp: getaddrinfo on a worker thread, under a limiter of its own.
+// anyio-cpp: getaddrinfo: the blocking resolver run through to_thread::run_sync
+// (abandon_on_cancel) under a limiter of its own (8 tokens), so slow DNS cannot starve the default
+// pool. Used by tcp.hpp's connect_tcp and create_tcp_listener.
 #pragma once
 
 #include <cerrno>

@@ -1,4 +1,7 @@
-// anyio-cpp: wait_readable / wait_writable, readiness of file descriptors (epoll on Linux).
+// anyio-cpp: wait_readable / wait_writable: a task waits until any file descriptor is ready, on
+// the loop's poller (detail/poller.hpp; level-triggered, one registration per wait). For
+// descriptors owned by other libraries; the sockets of socket_stream.hpp use the poller's
+// persistent edge-triggered registration instead.
 #pragma once
 
 #include <coroutine>

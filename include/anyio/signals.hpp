@@ -1,4 +1,6 @@
-// anyio-cpp: open_signal_receiver, POSIX signals received by a task (signalfd).
+// anyio-cpp: open_signal_receiver / SignalReceiver: POSIX signals delivered to a task through a
+// signalfd on the loop's poller. The worker threads of to_thread.hpp block every asynchronous
+// signal (detail/signal_mask.hpp), so only the receiver sees them.
 #pragma once
 
 #include <atomic>

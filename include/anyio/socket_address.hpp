@@ -1,4 +1,6 @@
-// anyio-cpp: SocketAddress, the address of one end of a socket (IPv4, IPv6 or UNIX).
+// anyio-cpp: SocketAddress, one end of a socket (IPv4, IPv6 or a UNIX path), as
+// SocketStream::local_address / remote_address (socket_stream.hpp) report it; from_sockaddr
+// turns the kernel's sockaddr into one for tcp.hpp and unix_socket.hpp.
 #pragma once
 
 #include <algorithm>

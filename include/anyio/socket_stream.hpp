@@ -1,4 +1,7 @@
-// anyio-cpp: SocketStream, a connected TCP or UNIX stream socket on the loop.
+// anyio-cpp: SocketStream: a connected TCP or UNIX stream socket on the loop (receive,
+// receive_into, send, send_eof, close). Made by tcp.hpp (connect_tcp, TcpListener::accept) and
+// unix_socket.hpp; waits on the loop's poller through detail/socket.hpp. net.hpp includes the
+// whole network layer.
 #pragma once
 
 #include <algorithm>
@@ -40,11 +43,20 @@ inline std::byte* receive_scratch() {
     return scratch.get();
 }
 
-inline OpStatus receive_some(int fd, void* data, std::size_t size, std::size_t& received) noexcept {
+/// One recv(2) on a stream socket. A short read marks the handle drained (see
+/// IoHandle::read_drained): until the poller reports it readable again, the next call answers
+/// would_block without a system call. Safe with edge-triggered epoll: data, an end of file or
+/// an error that arrives after the short read queues a new edge, which clears the mark before
+/// the waiter retries; one that arrived before it was reported with EPOLLRDHUP/EPOLLERR
+/// already, and then nothing is marked (IoHandle::read_hung_up).
+inline OpStatus receive_some(IoHandle& handle, void* data, std::size_t size,
+                             std::size_t& received) noexcept {
+    if (handle.read_drained) return OpStatus::would_block;
     for (;;) {
-        ssize_t n = ::recv(fd, data, size, 0);
+        ssize_t n = ::recv(handle.fd, data, size, 0);
         if (n > 0) {
             received = static_cast<std::size_t>(n);
+            handle.read_drained = received < size && !handle.read_hung_up;
             return OpStatus::done;
         }
         if (n == 0) return OpStatus::end_of_stream;
@@ -65,7 +77,7 @@ public:
 
     bool prepare() const noexcept { return true; }
     OpStatus attempt() noexcept {
-        OpStatus status = receive_some(core_->fd, buffer_.data(), buffer_.size(), received_);
+        OpStatus status = receive_some(*core_, buffer_.data(), buffer_.size(), received_);
         return status == OpStatus::failed ? fail(errno) : status;
     }
     std::size_t take() const noexcept { return received_; }
@@ -103,13 +115,13 @@ public:
         std::size_t received = 0;
         try {
             if (wanted <= receive_scratch_size) {
-                OpStatus status = receive_some(core_->fd, scratch_, wanted, received);
+                OpStatus status = receive_some(*core_, scratch_, wanted, received);
                 if (status == OpStatus::failed) return fail(errno);
                 if (status == OpStatus::done) data_.assign(reinterpret_cast<const char*>(scratch_), received);
                 return status;
             }
             data_.resize(wanted);
-            OpStatus status = receive_some(core_->fd, data_.data(), wanted, received);
+            OpStatus status = receive_some(*core_, data_.data(), wanted, received);
             if (status == OpStatus::failed) return fail(errno);
             data_.resize(status == OpStatus::done ? received : 0);  // shrinking never allocates
             return status;

@@ -1,4 +1,7 @@
-// anyio-cpp: Lock, Semaphore, Condition (anyio's synchronization primitives).
+// anyio-cpp: Lock, Semaphore, Condition (anyio's synchronization primitives): loop-thread objects
+// with first-in, first-out hand-off, on the wait machinery of event.hpp (detail/wait.hpp,
+// detail/sync_waiters.hpp). To pass values between tasks use memory_stream.hpp; to bound threads,
+// capacity_limiter.hpp.
 #pragma once
 
 #include <concepts>

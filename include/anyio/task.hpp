@@ -1,4 +1,6 @@
-// anyio-cpp: Task<T>, the coroutine type of the library.
+// anyio-cpp: Task<T>, the coroutine type of the library: lazy, move-only, awaited once. Tasks run
+// on an EventLoop (event_loop.hpp), run concurrently as children of task_group.hpp, and are
+// cancelled through cancel_scope.hpp; debug.hpp gives them names.
 #pragma once
 
 #include <concepts>
@@ -77,10 +79,22 @@ public:
     TaskResult<T> result_;
 };
 
+// The name of the coroutine function a promise belongs to, where the compiler gives it: a
+// default argument of get_return_object() is evaluated in the coroutine that calls it (GCC and
+// Clang; std::source_location needs a builtin clang 14 lacks). A string literal: static.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_FUNCTION)
+#define ANYIO_DETAIL_CALLER_FUNCTION() __builtin_FUNCTION()
+#endif
+#endif
+#ifndef ANYIO_DETAIL_CALLER_FUNCTION
+#define ANYIO_DETAIL_CALLER_FUNCTION() nullptr
+#endif
+
 template <class T>
 class TaskPromise final : public TaskPromiseBase<T> {
 public:
-    Task<T> get_return_object() noexcept;
+    Task<T> get_return_object(const char* function = ANYIO_DETAIL_CALLER_FUNCTION()) noexcept;
 
     template <class U = T>
         requires std::is_convertible_v<U&&, T>
@@ -92,7 +106,7 @@ public:
 template <>
 class TaskPromise<void> final : public TaskPromiseBase<void> {
 public:
-    Task<void> get_return_object() noexcept;
+    Task<void> get_return_object(const char* function = ANYIO_DETAIL_CALLER_FUNCTION()) noexcept;
     void return_void() noexcept {}
 };
 
@@ -114,6 +128,9 @@ public:
 /// that resumes the coroutine from a call_soon callback or a library's completion) is
 /// resumed as the loop would resume it, so every primitive keeps working after it (see
 /// lowlevel::current_task()).
+///
+/// A Task also carries the name of the coroutine function that made it (where the compiler
+/// gives it), which a task started from it is named after by default (see debug.hpp).
 template <class T>
 class [[nodiscard]] Task {
 public:
@@ -121,12 +138,15 @@ public:
     using value_type = T;
 
     Task() noexcept = default;
-    explicit Task(std::coroutine_handle<promise_type> handle) noexcept : handle_(handle) {}
-    Task(Task&& other) noexcept : handle_(std::exchange(other.handle_, nullptr)) {}
+    explicit Task(std::coroutine_handle<promise_type> handle, const char* function = nullptr) noexcept
+        : handle_(handle), function_(function) {}
+    Task(Task&& other) noexcept
+        : handle_(std::exchange(other.handle_, nullptr)), function_(other.function_) {}
     Task& operator=(Task&& other) noexcept {
         if (this != &other) {
             if (handle_) handle_.destroy();
             handle_ = std::exchange(other.handle_, nullptr);
+            function_ = other.function_;
         }
         return *this;
     }
@@ -138,6 +158,14 @@ public:
 
     /// True until the task has been awaited or moved from.
     [[nodiscard]] bool valid() const noexcept { return static_cast<bool>(handle_); }
+
+    /// The name of the coroutine function that made this task ("fetch_user"; "operator()" for
+    /// a lambda), a string with static storage; nullptr where the compiler does not tell.
+    [[nodiscard]] const char* function_name() const noexcept { return function_; }
+    /// Low-level, for wrappers: a task that only runs another one (the library's own result
+    /// delivery, say) takes that one's name, so a task started from it is named after it.
+    /// `function` must have static storage (a string literal); nullptr: no name.
+    void set_function_name(const char* function) noexcept { function_ = function; }
 
     /// Awaits the task's frame, which it owns from `co_await` on: it runs the frame (a
     /// transfer, see detail/task_state.hpp), yields its result, and destroys it afterwards.
@@ -200,15 +228,16 @@ public:
 
 private:
     std::coroutine_handle<promise_type> handle_;
+    const char* function_ = nullptr;
 };
 
 namespace detail {
 template <class T>
-Task<T> TaskPromise<T>::get_return_object() noexcept {
-    return Task<T>{std::coroutine_handle<TaskPromise<T>>::from_promise(*this)};
+Task<T> TaskPromise<T>::get_return_object(const char* function) noexcept {
+    return Task<T>{std::coroutine_handle<TaskPromise<T>>::from_promise(*this), function};
 }
-inline Task<void> TaskPromise<void>::get_return_object() noexcept {
-    return Task<void>{std::coroutine_handle<TaskPromise<void>>::from_promise(*this)};
+inline Task<void> TaskPromise<void>::get_return_object(const char* function) noexcept {
+    return Task<void>{std::coroutine_handle<TaskPromise<void>>::from_promise(*this), function};
 }
 
 /// Awaits `task` and stores how it ended (a value, a reference, nothing, or an exception) in

@@ -1,4 +1,6 @@
-// anyio-cpp: TaskGroup and task_group(), structured concurrency.
+// anyio-cpp: TaskGroup and task_group(), structured concurrency: the children started with
+// start_soon run on the loop of event_loop.hpp under the group's CancelScope (cancel_scope.hpp),
+// and task_group() returns only when all of them have ended. debug.hpp's named() names a child.
 #pragma once
 
 #include <algorithm>
@@ -8,11 +10,13 @@
 #include <exception>
 #include <functional>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "cancel_scope.hpp"
+#include "debug.hpp"
 #include "detail/loop_thread.hpp"
 #include "errors.hpp"
 #include "event_loop.hpp"
@@ -37,32 +41,43 @@ Task<void> task_group(F body);
 ///
 /// Loop-thread only: start_soon (and cancel_scope().cancel()) throw std::logic_error on
 /// another thread. Each child costs its own coroutine frames plus one block for the loop's
-/// bookkeeping, and start_soon keeps room for one error per live child (so a failing child
-/// never allocates at its end). At loop shutdown, children still running are destroyed
-/// (newest first) without resuming. Only task_group() creates a TaskGroup.
+/// bookkeeping (holding its name, if one is given), and start_soon keeps room for one error
+/// per live child (so a failing child never allocates at its end). A child starts with a copy
+/// of the context (context variables) of the code calling start_soon, and is named as
+/// debug.hpp says; its parent (TaskInfo::parent_id) is the task running task_group(). With
+/// several errors, the ExceptionGroup's message says which task raised each. At loop
+/// shutdown, children still running are destroyed (newest first) without resuming. Only
+/// task_group() creates a TaskGroup.
 class TaskGroup {
 public:
     TaskGroup(const TaskGroup&) = delete;
     TaskGroup& operator=(const TaskGroup&) = delete;
 
-    /// Starts `task` as a child (it first runs on the next loop turn). Loop thread only
-    /// (std::logic_error otherwise, as once the group has finished).
-    void start_soon(Task<void> task) {
-        if (detail::current_loop != loop_) detail::throw_wrong_thread("TaskGroup::start_soon");
-        require_active();
-        reserve_error_slot();
-        detail::TaskState& child = loop_->spawn(std::move(task), &on_child_done, this);
-        scope_.adopt(child);
-        ++live_children_;
-    }
+    /// Starts `task` as a child (it first runs on the next loop turn), named after its
+    /// coroutine. Loop thread only (std::logic_error otherwise, as once the group has
+    /// finished).
+    void start_soon(Task<void> task) { start_child(std::move(task), {}); }
+
+    /// The same, named `name`: `tg.start_soon(anyio::named("fetch user"), fetch_user(id))`.
+    void start_soon(TaskName name, Task<void> task) { start_child(std::move(task), name.value); }
 
     /// Starts `fn(args...)` as a child; `fn` and `args` are decay-copied into the child's
-    /// frame first, so a lambda's captures stay alive as long as the child runs.
+    /// frame first, so a lambda's captures stay alive as long as the child runs. The child is
+    /// named after the coroutine `fn` returns once it has made it (in its first step).
     template <class F, class... Args>
         requires returns_task<std::decay_t<F>, std::decay_t<Args>...>
     void start_soon(F&& fn, Args&&... args) {
-        start_soon(call_in_frame(std::decay_t<F>(std::forward<F>(fn)),
-                                 std::decay_t<Args>(std::forward<Args>(args))...));
+        start_soon(TaskName{}, std::forward<F>(fn), std::forward<Args>(args)...);
+    }
+
+    /// The same, named `name`.
+    template <class F, class... Args>
+        requires returns_task<std::decay_t<F>, std::decay_t<Args>...>
+    void start_soon(TaskName name, F&& fn, Args&&... args) {
+        Task<void> body = call_in_frame(std::decay_t<F>(std::forward<F>(fn)),
+                                        std::decay_t<Args>(std::forward<Args>(args))...);
+        body.set_function_name(nullptr);  // not call_in_frame: the child names itself
+        start_child(std::move(body), name.value);
     }
 
     /// The scope every child (and the body) runs in; cancel() it to cancel them all.
@@ -75,10 +90,39 @@ private:
 
     explicit TaskGroup(EventLoop& loop) noexcept : loop_(&loop) {}
 
+    void start_child(Task<void> task, std::string_view name) {
+        if (detail::current_loop != loop_) detail::throw_wrong_thread("TaskGroup::start_soon");
+        require_active();
+        reserve_error_slot();
+        detail::TaskState& child =
+            loop_->spawn(std::move(task), &on_child_done, this, detail::SpawnInfo{name, host_});
+        scope_.adopt(child);
+        ++live_children_;
+    }
+
     template <class F, class... Args>
     static Task<void> call_in_frame(F fn, Args... args) {
         // The copies are passed on as rvalues, like std::thread does (move-only arguments).
-        co_await std::invoke(std::move(fn), std::move(args)...);
+        auto task = std::invoke(std::move(fn), std::move(args)...);
+        // The child is named after the coroutine it runs, now that it exists (unless it was
+        // given a name). relaxed: see TaskState::name_.
+        detail::TaskState* self = detail::running_task;
+        if (self != nullptr && self->name_.load(std::memory_order_relaxed) == nullptr) {
+            self->name_.store(task.function_name(), std::memory_order_relaxed);
+        }
+        co_await std::move(task);
+    }
+
+    /// How an error's task is named in an ExceptionGroup's message: "task 'x' (id 3)". Empty
+    /// if even that cannot be allocated (the error itself is kept either way).
+    static std::string describe(const detail::TaskState& task) noexcept {
+        try {
+            // relaxed: see TaskState::name_.
+            return "task '" + detail::task_display_name(task.name_.load(std::memory_order_relaxed), task.id_) +
+                   "' (id " + std::to_string(task.id_) + ")";
+        } catch (...) {
+            return {};
+        }
     }
 
     void require_active() const {
@@ -95,13 +139,23 @@ private:
     void reserve_error_slot() {
         const std::size_t needed = errors_.size() + live_children_ + 2;
         if (errors_.capacity() < needed) errors_.reserve(std::max(needed, 2 * errors_.capacity()));
+        if (error_tasks_.capacity() < needed) {
+            error_tasks_.reserve(std::max(needed, 2 * error_tasks_.capacity()));
+        }
+    }
+
+    /// Records an error and who raised it (room reserved: nothing here allocates but the
+    /// description, which may fail harmlessly).
+    void add_error(std::exception_ptr error, const detail::TaskState& task) noexcept {
+        errors_.push_back(std::move(error));
+        error_tasks_.push_back(describe(task));
     }
 
     static void on_child_done(void* owner, detail::TaskState& child) noexcept {
         auto* group = static_cast<TaskGroup*>(owner);
         --group->live_children_;
         if (child.outcome_ == detail::TaskState::Outcome::failed) {
-            group->errors_.push_back(child.error_);  // capacity reserved by start_soon
+            group->add_error(child.error_, child);  // capacity reserved by start_soon
             group->scope_.cancel();
         } else if (child.outcome_ == detail::TaskState::Outcome::cancelled) {
             group->child_cancelled_ = true;
@@ -129,13 +183,14 @@ private:
 
     [[noreturn]] void rethrow_errors() {
         if (errors_.size() == 1) std::rethrow_exception(errors_.front());
-        throw ExceptionGroup(std::move(errors_));
+        throw ExceptionGroup(std::move(errors_), error_tasks_);
     }
 
     CancelScope scope_;
     EventLoop* loop_;
     detail::TaskState* host_ = nullptr;
     std::vector<std::exception_ptr> errors_;
+    std::vector<std::string> error_tasks_;  // who raised each of errors_ (describe())
     std::coroutine_handle<> join_handle_;
     std::size_t live_children_ = 0;
     bool active_ = false;
@@ -157,6 +212,7 @@ Task<void> task_group(F body) {
     TaskGroup group(*host.loop_);
     group.host_ = &host;
     group.errors_.reserve(1);  // the body's error, if it fails (as start_soon does per child)
+    group.error_tasks_.reserve(1);
     bool body_cancelled = false;
     {
         CancelScope::Entry entry(group.scope_, host);  // the body runs in the group's scope
@@ -166,7 +222,7 @@ Task<void> task_group(F body) {
         } catch (const Cancelled&) {
             body_cancelled = true;
         } catch (...) {
-            group.errors_.push_back(std::current_exception());
+            group.add_error(std::current_exception(), host);
             group.scope_.cancel();
         }
         // A child may start another one after the last child ended but before we resume

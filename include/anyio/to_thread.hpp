@@ -31,6 +31,7 @@
 
 #include "cancel_scope.hpp"
 #include "capacity_limiter.hpp"
+#include "detail/context_data.hpp"
 #include "detail/result.hpp"
 #include "detail/worker_pool.hpp"
 #include "detail/worker_thread.hpp"
@@ -57,6 +58,10 @@ public:
     explicit ToThreadService(EventLoop& loop)
         : default_limiter_(loop.options().default_thread_tokens), pool_(loop) {}
     void shutdown(EventLoop&) override { pool_.shutdown(); }
+    bool holds(const anyio::detail::TaskState& task) noexcept override {
+        return pool_.holds_frames_of(task);
+    }
+    void finish_shutdown(EventLoop&) override { pool_.finish_shutdown(); }
     CapacityLimiter& default_limiter() noexcept { return default_limiter_; }
     anyio::detail::WorkerPool& pool() noexcept { return pool_; }
 
@@ -105,9 +110,14 @@ public:
     result_type take_result() { return result_.take(); }
     void fail(std::exception_ptr error) noexcept { result_.set_exception(std::move(error)); }
 
+    /// fn runs in a copy of `context` (context.hpp): the awaiting task's, taken on the loop.
+    void run_in(anyio::detail::ContextRef context) noexcept { context_ = std::move(context); }
+
 private:
     static void execute(JobBase* self) noexcept {
         auto* job = static_cast<Job*>(self);
+        // On the worker: fn (and from_thread calls it makes) sees the caller's context.
+        anyio::detail::ContextScope in_context(std::move(job->context_));
         job->result_.capture([job]() -> result_type {
             return std::apply(
                 [job](Args&... args) -> result_type {
@@ -130,6 +140,7 @@ private:
     F fn_;
     std::tuple<Args...> args_;
     anyio::detail::Result<result_type> result_;
+    anyio::detail::ContextRef context_;  // the caller's context until the worker takes it
     // std::stop_source allocates its shared state: only callables that take a token pay.
     [[no_unique_address]] std::conditional_t<with_stop_token, std::stop_source, NoStopSource> stop_;
 };
@@ -182,6 +193,7 @@ public:
             return false;
         }
         handle_ = handle;
+        job_->run_in(anyio::detail::ContextRef::share(task_->context_));
         job_->host_ = task_;
         job_->resume_ = handle;
         job_->host_scope_ = task_->scope_;

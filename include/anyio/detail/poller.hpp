@@ -73,6 +73,14 @@ struct alignas(8) IoHandle : ListHook<IoHandleTag> {
     IoHandle& operator=(const IoHandle&) = delete;
 
     int fd = -1;
+    /// A receive read less than it asked for, so the kernel's receive queue was empty right
+    /// after it: the next receive waits for the next readable edge instead of calling recv
+    /// just to get EAGAIN (Tokio does the same). Any readable event clears it, waiter or not.
+    bool read_drained = false;
+    /// The poller reported the read side hung up or in error (EPOLLRDHUP/HUP/ERR). From then
+    /// on no read is marked drained: an end of file or an error waiting behind the last bytes
+    /// raises no further edge, so only a recv can report it.
+    bool read_hung_up = false;
     HandleWaiter* reader = nullptr;
     HandleWaiter* writer = nullptr;
     Poller* poller = nullptr;  // the poller it is registered with; nullptr: not registered
@@ -235,6 +243,8 @@ public:
 private:
     static void dispatch(IoHandle& handle, std::uint32_t flags) noexcept {
         const bool error = (flags & (EPOLLERR | EPOLLHUP)) != 0;
+        if ((flags & (EPOLLIN | EPOLLRDHUP)) != 0 || error) handle.read_drained = false;
+        if ((flags & EPOLLRDHUP) != 0 || error) handle.read_hung_up = true;
         // A waiter's callback only detaches itself and schedules its task: the handle stays
         // alive, so the writer slot can be read after the reader ran.
         if (handle.reader != nullptr && ((flags & (EPOLLIN | EPOLLRDHUP)) != 0 || error)) {

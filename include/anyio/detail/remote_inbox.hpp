@@ -4,6 +4,16 @@
 // It lives in a small reference-counted block apart from the loop (LoopToken and every worker
 // hold a reference), so a thread that posts after the loop has finished finds a closed inbox
 // and gets RunFinishedError instead of touching freed memory.
+//
+// The inbox is two lock-free stacks that the loop takes together: one for user work
+// (call_soon_threadsafe, from_thread calls, portal spawns: post_user) and one for the
+// library's own work (a job's completion, a worker's "exited" node: post). When the main task
+// finishes the loop closes the user stack (close_to_user): from then on no user code runs on
+// the loop, so a user post fails at its CAS (RunFinishedError), while completions still come
+// in until run() has joined its workers and closes the other stack too (close). Each stack is
+// closed by exchanging in the same marker its CAS checks, so there is no window in which a
+// user post can slip in after the close: a post is either taken by the close (and disposed of
+// unrun) or refused.
 #pragma once
 
 #include <atomic>
@@ -52,52 +62,51 @@ public:
     LoopShared(const LoopShared&) = delete;
     LoopShared& operator=(const LoopShared&) = delete;
 
-    /// Pushes `node` (any thread). Returns false, leaving the node untouched, once the loop
-    /// has closed the inbox. Lock-free: one CAS, plus a wake-up only if the loop is parked.
-    bool post(Runnable* node) noexcept {
-        // seq_cst (not release) on the CAS: it pairs with the loop's seq_cst store of
-        // park_state_ followed by its load of head_ (a Dekker pattern), so either the loop
-        // sees this node before sleeping or we see it parked and wake it.
-        // acquire on the loads: a poster that finds the inbox closed also sees everything the
-        // loop did before closing it (e.g. marking a detached worker's job as orphaned).
-        Runnable* head = head_.load(std::memory_order_acquire);
-        do {
-            if (head == closed_marker()) return false;
-            node->next_ = head;
-        } while (!head_.compare_exchange_weak(head, node, std::memory_order_seq_cst,
-                                              std::memory_order_acquire));
-        // seq_cst: the other half of the Dekker pattern above.
-        if (park_state_.load(std::memory_order_seq_cst) != running) wake();
-        return true;
-    }
+    /// Pushes library work (a job's completion, a worker's "exited" node; any thread). Returns
+    /// false, leaving the node untouched, once the loop has closed the inbox for good (close).
+    /// Lock-free: one CAS, plus a wake-up only if the loop is parked.
+    bool post(Runnable* node) noexcept { return push(head_, node); }
 
-    /// Takes every posted node, oldest first (loop thread). Returns {first, last} or nulls.
+    /// Pushes user work (call_soon_threadsafe, from_thread calls, portal spawns; any thread).
+    /// Returns false, leaving the node untouched, once the main task has finished
+    /// (close_to_user): no user code runs on the loop after that. Costs as post().
+    bool post_user(Runnable* node) noexcept { return push(user_head_, node); }
+
+    /// Takes every posted node (loop thread): the library's, oldest first, then the user's,
+    /// oldest first. Returns {first, last} or nulls.
     struct Chain {
         Runnable* first = nullptr;
         Runnable* last = nullptr;
     };
-    Chain take_all() noexcept {
-        // relaxed check first so an empty inbox costs no RMW; acquire on the exchange makes the
-        // producers' writes to the nodes (made before their CAS) visible here.
-        if (head_.load(std::memory_order_relaxed) == nullptr) return {};
-        return reverse(head_.exchange(nullptr, std::memory_order_acquire));
-    }
+    Chain take_all() noexcept { return join(take(head_), take(user_head_)); }
 
     /// True when something is waiting in the inbox (a hint for spinning; loop thread).
     [[nodiscard]] bool has_posts() const noexcept {
         // relaxed: only a hint; take_all's acquire exchange does the synchronising.
-        return head_.load(std::memory_order_relaxed) != nullptr;
+        return pending(head_.load(std::memory_order_relaxed)) ||
+               pending(user_head_.load(std::memory_order_relaxed));
     }
 
-    /// Closes the inbox for good and returns what was still in it (loop thread, at shutdown).
+    /// Closes the inbox to user work (loop thread, when the main task has finished) and
+    /// returns the user work still in it, to be disposed of unrun. Library posts still come in.
+    Chain close_to_user() noexcept {
+        // acq_rel: acquire as in take(); release so that a poster that finds the marker sees
+        // what the loop did before closing (see closed()).
+        return reverse(user_head_.exchange(closed_marker(), std::memory_order_acq_rel));
+    }
+
+    /// Closes the inbox for good and returns what was still in it (loop thread, at the very
+    /// end of run()).
     Chain close() noexcept {
-        // acquire: as in take_all; every later post sees the marker and fails.
-        return reverse(head_.exchange(closed_marker(), std::memory_order_acq_rel));
+        // acq_rel: as in close_to_user; every later post of either kind sees the marker and fails.
+        Chain library = reverse(head_.exchange(closed_marker(), std::memory_order_acq_rel));
+        return join(library, close_to_user());
     }
 
+    /// True once the inbox refuses user work: the loop's main task has finished.
     [[nodiscard]] bool closed() const noexcept {
         // acquire: a thread that sees the loop closed also sees everything it did before.
-        return head_.load(std::memory_order_acquire) == closed_marker();
+        return user_head_.load(std::memory_order_acquire) == closed_marker();
     }
 
     /// Loop thread: announce that it is about to sleep, then re-check the inbox. Returns false
@@ -105,7 +114,8 @@ public:
     bool prepare_to_park(ParkState how) noexcept {
         // seq_cst store then seq_cst load: the loop's half of the Dekker pattern with post().
         park_state_.store(how, std::memory_order_seq_cst);
-        if (head_.load(std::memory_order_seq_cst) != nullptr) {
+        if (pending(head_.load(std::memory_order_seq_cst)) ||
+            pending(user_head_.load(std::memory_order_seq_cst))) {
             park_state_.store(running, std::memory_order_relaxed);  // nobody waits on this value
             return false;
         }
@@ -151,6 +161,43 @@ private:
         return &marker;
     }
 
+    static bool pending(const Runnable* head) noexcept {
+        return head != nullptr && head != closed_marker();
+    }
+
+    bool push(std::atomic<Runnable*>& stack, Runnable* node) noexcept {
+        // seq_cst (not release) on the CAS: it pairs with the loop's seq_cst store of
+        // park_state_ followed by its loads of both stacks (a Dekker pattern), so either the
+        // loop sees this node before sleeping or we see it parked and wake it.
+        // acquire on the loads: a poster that finds the stack closed also sees everything the
+        // loop did before closing it (e.g. marking a detached worker's job as orphaned).
+        Runnable* head = stack.load(std::memory_order_acquire);
+        do {
+            if (head == closed_marker()) return false;
+            node->next_ = head;
+        } while (!stack.compare_exchange_weak(head, node, std::memory_order_seq_cst,
+                                              std::memory_order_acquire));
+        // seq_cst: the other half of the Dekker pattern above.
+        if (park_state_.load(std::memory_order_seq_cst) != running) wake();
+        return true;
+    }
+
+    /// Takes one stack, unless it is empty or closed (only the loop closes a stack, so a
+    /// closed one stays closed and is never reopened here).
+    static Chain take(std::atomic<Runnable*>& stack) noexcept {
+        // relaxed check first so an empty stack costs no RMW; acquire on the exchange makes
+        // the producers' writes to the nodes (made before their CAS) visible here.
+        if (!pending(stack.load(std::memory_order_relaxed))) return {};
+        return reverse(stack.exchange(nullptr, std::memory_order_acquire));
+    }
+
+    static Chain join(Chain first, Chain second) noexcept {
+        if (first.first == nullptr) return second;
+        if (second.first == nullptr) return first;
+        first.last->next_ = second.first;
+        return {first.first, second.last};
+    }
+
     static Chain reverse(Runnable* stack) noexcept {
         if (stack == nullptr || stack == closed_marker()) return {};
         Runnable* last = stack;
@@ -178,7 +225,8 @@ private:
         }
     }
 
-    std::atomic<Runnable*> head_{nullptr};
+    std::atomic<Runnable*> head_{nullptr};       // library work (post)
+    std::atomic<Runnable*> user_head_{nullptr};  // user work (post_user)
     std::atomic<std::uint32_t> park_state_{running};
     std::atomic<std::uint64_t> wakeups_sent_{0};
     std::atomic<int> loop_cpu_{-1};

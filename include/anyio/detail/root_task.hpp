@@ -3,7 +3,10 @@
 #pragma once
 
 #include <coroutine>
+#include <cstring>
 #include <exception>
+#include <new>
+#include <string_view>
 #include <utility>
 
 #include "../errors.hpp"
@@ -12,11 +15,39 @@
 namespace anyio::detail {
 
 /// A task: its TaskState, and the Continuation of its body (the Task coroutine it runs), whose
-/// frame it owns. Not itself a coroutine, so a task costs its body's frames plus this block.
-/// Allocated by EventLoop::spawn; freed by finish_root when the body ends, or by
+/// frame it owns. Not itself a coroutine, so a task costs its body's frames plus this block
+/// (and, for a task given a name, the name's bytes at the end of the same block).
+/// Allocated by EventLoop::spawn (create); freed by finish_root when the body ends, or by
 /// destroy_task_frames at loop shutdown.
 struct RootTask final : TaskState, Continuation {
-    /// Takes over `body`, a Task frame not started yet (its promise is a FrameLink).
+    /// A new root for `body`, a Task frame not started yet, with room after it for a copy of
+    /// `given_name` (if not empty), which then becomes the task's name. Throws std::bad_alloc
+    /// after destroying `body`'s frame (as the Task it came from would have), so that nothing
+    /// is started and nothing leaks.
+    template <class Promise>
+    static RootTask* create(std::coroutine_handle<Promise> body, std::string_view given_name) {
+        const std::size_t extra = given_name.empty() ? 0 : given_name.size() + 1;
+        void* block = nullptr;
+        try {
+            block = ::operator new(sizeof(RootTask) + extra);
+        } catch (...) {
+            body.destroy();
+            throw;
+        }
+        auto* root = ::new (block) RootTask(body);
+        if (extra != 0) {
+            char* name = reinterpret_cast<char*>(root + 1);
+            std::memcpy(name, given_name.data(), given_name.size());
+            name[given_name.size()] = '\0';
+            root->name_.store(name, std::memory_order_relaxed);  // relaxed: see TaskState
+        }
+        return root;
+    }
+    // The block may be longer than the object (the name): always freed whole, unsized.
+    static void operator delete(void* block) noexcept { ::operator delete(block); }
+
+private:
+    /// Takes over `body` (its promise is a FrameLink).
     template <class Promise>
     explicit RootTask(std::coroutine_handle<Promise> body) noexcept {
         FrameLink& link = body.promise();
@@ -47,6 +78,7 @@ inline void finish_root(Continuation& continuation, std::exception_ptr error) no
     if (root.ListHook<LiveTasksTag>::linked()) root.ListHook<LiveTasksTag>::unlink();
     if (root.on_done_ != nullptr) root.on_done_(root.owner_, root);
     std::exchange(root.awaited_, {}).destroy();  // suspended at its final point: may go now
+    if (TaskEndWatcher* watcher = task_end_watcher) watcher->task_ending(watcher, root);
     delete &root;
 }
 
@@ -74,6 +106,7 @@ inline void destroy_task_frames(RootTask& root) noexcept {
         }
     }
     --destroying_suspended_frames;
+    if (TaskEndWatcher* watcher = task_end_watcher) watcher->task_ending(watcher, root);
     delete &root;
 }
 

@@ -2,11 +2,13 @@
 // and how control passes between them.
 #pragma once
 
+#include <atomic>
 #include <coroutine>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
 
+#include "context_data.hpp"
 #include "intrusive_list.hpp"
 #include "runnable.hpp"
 
@@ -147,8 +149,9 @@ inline void resume_chain(std::coroutine_handle<> handle) noexcept {
 void run_task(Runnable* self, bool run);  // defined in event_loop.hpp
 
 /// One task of a loop: a Runnable the loop resumes at resume_point_, the innermost cancel
-/// scope it runs in and the cancellable wait it is suspended at. It lives in the task's root
-/// (detail/root_task.hpp), allocated once per task.
+/// scope it runs in and the cancellable wait it is suspended at; its context (the values of
+/// context variables it sees: context_data.hpp) and what get_current_task() reports about it.
+/// It lives in the task's root (detail/root_task.hpp), allocated once per task.
 class TaskState : public Runnable,
                   public ListHook<ScopeTasksTag>,
                   public ListHook<LiveTasksTag> {
@@ -162,6 +165,7 @@ public:
     ~TaskState() {
         if (ListHook<ScopeTasksTag>::linked()) ListHook<ScopeTasksTag>::unlink();
         if (ListHook<LiveTasksTag>::linked()) ListHook<LiveTasksTag>::unlink();
+        release(context_);
     }
 
     EventLoop* loop_ = nullptr;
@@ -171,12 +175,36 @@ public:
     OnDone on_done_ = nullptr;           // called with owner_ when the task has ended
     void* owner_ = nullptr;
     std::exception_ptr error_;           // set when the outcome is failed or cancelled
+    ContextMap* context_ = nullptr;      // one reference; nullptr: no variable set
+    // The coroutine function's name (a string literal from the compiler) or the name given to
+    // the task (stored after the RootTask, in the same block); nullptr: none known (yet).
+    // Written on the loop thread, at spawn or in the task's first step; atomic because the
+    // blocked-loop detector's watchdog thread may read it meanwhile (relaxed everywhere: the
+    // characters it points to never change; loop_monitor.hpp says how they stay alive).
+    std::atomic<const char*> name_{nullptr};
+    std::uint64_t id_ = 0;               // unique within the loop, from 1, in spawn order
+    std::uint64_t parent_id_ = 0;        // the task that started it (a group's host); 0: none
     Outcome outcome_ = Outcome::running;
 };
 
 /// The task the loop is running on this thread right now (nullptr between tasks, in a plain
 /// callback, and on threads that run no loop). Constant-initialised: a plain TLS load.
 inline thread_local TaskState* running_task = nullptr;
+
+/// The context code on this thread sees now: the running task's, else the thread's own (see
+/// context_data.hpp). A plain TLS load or two.
+inline ContextMap* current_context() noexcept {
+    TaskState* task = running_task;
+    return task != nullptr ? task->context_ : thread_context.map;
+}
+
+/// Told just before a task's block is freed (the blocked-loop detector: its watchdog thread may
+/// be reading the task's name). Set by a loop for the duration of its run() on its own thread;
+/// nullptr (the detector is off): a task's end costs one TLS load more.
+struct TaskEndWatcher {
+    void (*task_ending)(TaskEndWatcher* self, TaskState& task) noexcept;
+};
+inline thread_local TaskEndWatcher* task_end_watcher = nullptr;
 
 /// More than zero while the loop destroys the frames of tasks still suspended (shutdown):
 /// objects that must not be destroyed while in use by a suspended task (a cancel scope a task

@@ -10,9 +10,12 @@
 //   also by a loop timer when there is no traffic;
 // - the loop never waits for a worker: a retiring worker runs on_thread_stop on its own and
 //   then posts an "exited" node, and the loop joins it when that node arrives;
-// - leaving run() stops every worker after its current job and joins it (the loop runs
-//   until each has reported its exit), or gives up on the ones still busy after
-//   shutdown_timeout (their late completions are dropped safely).
+// - leaving run() (EventLoop::shutdown) happens in two steps around the destruction of the
+//   tasks still alive: shutdown() starts no more calls, retires the idle workers and asks
+//   the running calls to stop; holds_frames_of() keeps a task's frames alive while a worker
+//   runs a job that lives in them; finish_shutdown() then waits for the busy workers (at most
+//   shutdown_timeout, then gives up on the rest: their late completions are dropped safely)
+//   and joins every worker as its "exited" node arrives. No task resumes meanwhile.
 //
 // Where a dispatched job goes (dispatch), GrantedJobs' `last` being the worker that finished a
 // job last (the one most likely to be awake):
@@ -193,18 +196,51 @@ public:
         delete worker;
     }
 
-    void shutdown() {
+    /// Leaving run(), the main task has finished: start no more calls, retire the idle
+    /// workers, and ask the running calls to stop (their tasks are about to be destroyed).
+    /// Does not wait.
+    void shutdown() noexcept {
         shutting_down_ = true;
+        if (shutdown_timeout_) shutdown_deadline_ = deadline_after(loop_->time(), *shutdown_timeout_);
         loop_->remove_timer(&reaper_);
         loop_->remove_timer(&watch_);
-        // No job waits for `last` any more: each goes to its backup.
+        // No job waits for `last` any more: each goes to its backup (a job in an awaiter must
+        // not stay queued where nobody is bound to run it while its frame is destroyed), and
+        // every claim is counted on its claimer before the idle workers are retired.
         take_back_granted(clock::now(), /*all=*/true);
         wait_until_claims_known(clock::now());
         while (WorkerThread* worker = idle_.front()) retire(worker);
-        if (busy_count_ > 0) wait_for_busy_workers();
-        // Every worker not given up is joined before run() returns. The loop keeps running
-        // meanwhile (it never blocks on a join): each exited node ends one retiring worker.
-        loop_->run_until([&] { return retiring_count_ == 0; });
+        // A cooperative fn (stop_token, check_cancelled) can end, so run() need not wait.
+        in_flight_.for_each([](JobBase& job) {
+            job.cancelled_.store(true, std::memory_order_release);  // release: as in run_sync
+            if (job.request_stop_ != nullptr) job.request_stop_(&job);
+            // A heap job's awaiter may be destroyed before the completion arrives: the
+            // completion must not schedule a task that is gone. (A job in an awaiter keeps its
+            // task alive, holds_frames_of, until then; scheduling it is harmless: nothing
+            // scheduled runs any more.)
+            if (job.storage_ == JobBase::Storage::heap) job.host_ = nullptr;
+        });
+    }
+
+    /// True while a call in flight runs a job that lives in a frame of `task` (a shielded
+    /// run_sync without shutdown_timeout): the frame must outlive the job's completion. Every
+    /// call in flight is in in_flight_, whichever worker runs it (given, claimed, or handed to
+    /// its backup at shutdown).
+    [[nodiscard]] bool holds_frames_of(const TaskState& task) noexcept {
+        bool held = false;
+        in_flight_.for_each([&](const JobBase& job) {
+            if (job.storage_ == JobBase::Storage::in_awaiter && job.host_ == &task) held = true;
+        });
+        return held;
+    }
+
+    /// After the tasks are gone: waits for the busy workers (at most shutdown_timeout, then
+    /// gives up on the rest) and joins every worker. The loop only processes completions and
+    /// exited nodes meanwhile (EventLoop::drain_posts); it never blocks on a join.
+    void finish_shutdown() noexcept {
+        while (busy_count_ > 0 && !deadline_passed()) loop_->drain_posts(shutdown_deadline_);
+        if (busy_count_ > 0) give_up_busy_workers();
+        while (retiring_count_ > 0) loop_->drain_posts(std::nullopt);
     }
 
     [[nodiscard]] WorkerPoolStatistics statistics() noexcept {
@@ -609,28 +645,14 @@ private:
         if (tail_ != resolved_ && !shutting_down_) watch_soon();
     }
 
-    /// Leaving run(): the calls still running belong to tasks that are about to be destroyed:
-    /// they are told so and waited for, at most shutdown_timeout; the pool gives up on the
-    /// workers still busy after it.
-    void wait_for_busy_workers() {
-        // A cooperative fn (stop_token, check_cancelled) can end, and run() need not wait.
-        in_flight_.for_each([](JobBase& job) {
-            job.cancelled_.store(true, std::memory_order_release);  // release: as in run_sync
-            if (job.request_stop_ != nullptr) job.request_stop_(&job);
-        });
-        struct Timeout final : TimerNode {
-            Timeout() noexcept : TimerNode(&fire) {}
-            static void fire(TimerNode* self, bool) { static_cast<Timeout*>(self)->expired = true; }
-            bool expired = false;
-        } timeout;
-        if (shutdown_timeout_) {
-            loop_->add_timer(&timeout, deadline_after(loop_->time(), *shutdown_timeout_));
-        }
-        loop_->run_until([&] { return busy_count_ == 0 || timeout.expired; });
-        loop_->remove_timer(&timeout);
-        if (busy_count_ == 0) return;
-        // Forget the calls on the loop side; keep whatever a worker may still write into
-        // alive. Jobs are on the heap whenever a shutdown timeout is set (to_thread.hpp), so a
+    [[nodiscard]] bool deadline_passed() const noexcept {
+        return shutdown_deadline_ && std::chrono::steady_clock::now() >= *shutdown_deadline_;
+    }
+
+    /// Shutdown timed out while workers still run calls: forget the calls on the loop side,
+    /// keep whatever a worker may still write into alive, and let the threads go.
+    void give_up_busy_workers() noexcept {
+        // Jobs are on the heap whenever a shutdown timeout is set (to_thread.hpp), so a
         // completion can outlive the awaiting frame (JobBase's ownership table).
         in_flight_.for_each([this](JobBase& job) {
             job.ListHook<InFlightTag>::unlink();
@@ -685,6 +707,7 @@ private:
     std::vector<WorkerThread*> by_id_;  // the live worker of each id (nullptr: none)
     std::vector<std::uint16_t> free_ids_;
     std::uint32_t next_id_ = 1;
+    std::optional<std::chrono::steady_clock::time_point> shutdown_deadline_;  // with a timeout
     bool shutting_down_ = false;
 };
 
