@@ -591,12 +591,24 @@ private:
 
     // ---- Threads ----
 
-    /// Arms the reaper for when a worker idle since `idle_since` will have idled for
-    /// max_idle_time. Saturating: a max_idle_time too long for the clock means never, and no
-    /// timer is armed at time_point::max().
+    /// Makes sure the reaper fires by the time a worker idle since `idle_since` will have idled
+    /// for max_idle_time (an earlier arming stands; a later one moves). Saturating: a
+    /// max_idle_time too long for the clock means never, and no timer is armed at
+    /// time_point::max().
+    ///
+    /// Never adds the node twice: the reaper's own firing resolves claims first, which can
+    /// relist a backup as idle and so arm the reaper already; pushing it again would leave a
+    /// second heap entry for one node, which the loop's timer pass then fires for ever (the
+    /// node counts as not queued, so removing it does nothing: the loop spun at 100% CPU and
+    /// ran nothing else, seen as a hang of stress_faults_test).
     void arm_reaper(time_point idle_since) {
         const auto when = deadline_after(idle_since, max_idle_time_);
-        if (when != time_point::max()) loop_->add_timer(&reaper_, when);
+        if (when == time_point::max()) return;
+        if (reaper_.queued()) {
+            if (reaper_.when_ <= when) return;
+            loop_->remove_timer(&reaper_);
+        }
+        loop_->add_timer(&reaper_, when);
     }
 
     WorkerThread* start_worker() {
