@@ -15,11 +15,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <ctime>
+#include <deque>
 #include <fstream>
 #include <functional>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <stop_token>
 #include <string>
@@ -1696,6 +1699,291 @@ TEST_CASE("Awaiting a run_sync awaiter a second time throws std::logic_error and
         REQUIRE(error.has_value());
         CHECK(error->find("run_sync") != std::string::npos);
         CHECK(runs == 1);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 14: granted calls queued for the worker that finished a job last (GrantedJobs)
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+anyio::detail::WorkerPool& pool() { return anyio::to_thread::detail::service("test").pool(); }
+
+// Starts `count` workers, each blocked in a call, then lets their calls return one after the
+// other, each once the previous one has resumed its caller: the first to return is the
+// oldest idle worker. Returns their thread ids in that order (the last one finished a job
+// last).
+anyio::Task<std::vector<std::thread::id>> idle_workers_in_order(int count) {
+    std::deque<Gate> gates(static_cast<std::size_t>(count));
+    std::deque<anyio::Event> returned(static_cast<std::size_t>(count));
+    std::vector<std::thread::id> ids(static_cast<std::size_t>(count));
+    Signal all_running(count);
+    auto blocking = [&all_running](std::shared_future<void> release) {
+        all_running.notify();
+        wait_for_gate(release);
+        return std::this_thread::get_id();
+    };
+    co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+        for (std::size_t i = 0; i < gates.size(); ++i) {
+            tg.start_soon([&, i]() -> anyio::Task<> {
+                ids[i] = co_await run_sync(blocking, gates[i].future());
+                returned[i].set();
+            });
+        }
+        const bool all_running_notified = co_await all_running.wait();
+        CHECK(all_running_notified);
+        for (std::size_t i = 0; i < gates.size(); ++i) {
+            gates[i].open();
+            const bool returned_set = co_await wait_event(returned[i]);
+            CHECK(returned_set);
+        }
+    });
+    co_return ids;
+}
+
+// Waits until no idle worker spins any more (each sleeps on its mailbox).
+anyio::Task<bool> idle_workers_asleep() {
+    co_return co_await eventually([] { return pool().idle_workers_asleep(); });
+}
+
+}  // namespace
+
+TEST_CASE("A call for a sleeping worker is queued for the worker that finished a job last, "
+          "which takes it after its own call: no thread is woken or added for it",
+          "[to_thread][granted]") {
+    run_loop([]() -> anyio::Task<> {
+        const std::vector<std::thread::id> ids = co_await idle_workers_in_order(2);
+        const bool asleep = co_await idle_workers_asleep();
+        CHECK(asleep);
+        std::thread::id first;
+        std::thread::id second;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            // Both calls are dispatched in the same loop turn.
+            tg.start_soon([&]() -> anyio::Task<> { first = co_await run_sync(current_thread_id); });
+            tg.start_soon([&]() -> anyio::Task<> { second = co_await run_sync(current_thread_id); });
+            co_return;
+        });
+        const auto counts = pool().granted_counts();
+        CHECK(first == ids[1]);     // the most recently idle worker, woken for the first call
+        CHECK(counts.queued == 1);  // the second call, instead of waking the other sleeper
+        CHECK(counts.claimed + counts.to_backup + counts.to_last == 1);
+        // Taken by the worker that finished last, unless the loop saw it busy for too long
+        // (a loaded machine): then its backup, the other worker, was woken for it.
+        CHECK(second == (counts.to_backup == 1 ? ids[0] : ids[1]));
+        const auto stats = pool_stats();
+        CHECK(stats.threads_created == 2);
+        CHECK(stats.jobs_completed == 4);
+        CHECK(stats.workers == 2);
+        CHECK(stats.idle_workers == 2);
+        CHECK(stats.busy_workers == 0);
+        CHECK(anyio::to_thread::current_default_thread_limiter().borrowed_tokens() == 0);
+    });
+}
+
+TEST_CASE("A call queued for a worker that then blocks is given to its sleeping backup",
+          "[to_thread][granted]") {
+    run_loop([]() -> anyio::Task<> {
+        const std::vector<std::thread::id> ids = co_await idle_workers_in_order(2);
+        const bool asleep = co_await idle_workers_asleep();
+        CHECK(asleep);
+        Gate gate;
+        std::thread::id first;
+        std::thread::id second;
+        anyio::WorkerPoolStatistics during;
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            // The first call blocks its worker until the second call has returned: the second
+            // must get a thread of its own, although it was queued for the first one's.
+            tg.start_soon([&]() -> anyio::Task<> {
+                first = co_await run_sync([](std::shared_future<void> release) {
+                    wait_for_gate(release);
+                    return std::this_thread::get_id();
+                }, gate.future());
+            });
+            tg.start_soon([&]() -> anyio::Task<> {
+                during = pool_stats();  // the first call is on its way: one worker held for it
+                second = co_await run_sync(current_thread_id);
+                gate.open();
+            });
+            co_return;
+        });
+        CHECK(during.busy_workers == 1);
+        CHECK(during.idle_workers == 1);
+        CHECK(first == ids[1]);
+        CHECK(second == ids[0]);
+        const auto counts = pool().granted_counts();
+        CHECK(counts.queued == 1);
+        CHECK(counts.to_backup == 1);
+        CHECK(counts.claimed == 0);
+        CHECK(pool_stats().threads_created == 2);
+        CHECK(pool_stats().idle_workers == 2);
+    });
+}
+
+TEST_CASE("Blocking calls granted in one burst each run on a thread of their own, and no "
+          "thread is added for them",
+          "[to_thread][granted]") {
+    run_loop([]() -> anyio::Task<> {
+        constexpr int workers = 8;
+        const std::vector<std::thread::id> ids = co_await idle_workers_in_order(workers);
+        const bool asleep = co_await idle_workers_asleep();
+        CHECK(asleep);
+        Gate gate;
+        Signal all_running(workers);
+        std::mutex mutex;
+        std::set<std::thread::id> ran_on;
+        auto blocking = [&](std::shared_future<void> release) {
+            {
+                std::lock_guard<std::mutex> lock(mutex);
+                ran_on.insert(std::this_thread::get_id());
+            }
+            all_running.notify();
+            wait_for_gate(release);
+        };
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            for (int i = 0; i < workers; ++i) {
+                tg.start_soon([&]() -> anyio::Task<> { co_await run_sync(blocking, gate.future()); });
+            }
+            // All of them at once: a call left queued behind a blocked worker would never run.
+            const bool all_running_notified = co_await all_running.wait();
+            CHECK(all_running_notified);
+            CHECK(pool_stats().busy_workers == workers);
+            gate.open();
+        });
+        CHECK(ran_on == std::set<std::thread::id>(ids.begin(), ids.end()));
+        const auto counts = pool().granted_counts();
+        CHECK(counts.claimed == 0);  // no worker ran two of them
+        CHECK(counts.queued == counts.to_backup + counts.to_last);
+        const auto stats = pool_stats();
+        CHECK(stats.threads_created == workers);
+        CHECK(stats.idle_workers == workers);
+    });
+}
+
+TEST_CASE("Leaving run gives a call still queued for the worker that finished a job last to "
+          "its backup, and asks it to stop",
+          "[to_thread][granted][shutdown]") {
+    std::vector<std::thread::id> ids;
+    std::thread::id holder_ran_on;
+    std::thread::id queued_ran_on;
+    std::atomic<int> stops_seen{0};
+    // Each fn notes where it ran itself: once the main task has finished no task resumes
+    // (issue 8 item 6), so the callers never see the results.
+    auto cooperative = [&stops_seen](std::stop_token stop, std::thread::id* ran_on) {
+        *ran_on = std::this_thread::get_id();  // read after run() returned (it joined us)
+        const auto until = Clock::now() + safety_timeout;
+        while (!stop.stop_requested() && Clock::now() < until) std::this_thread::sleep_for(1ms);
+        if (stop.stop_requested()) ++stops_seen;
+    };
+    auto holder = [&]() -> anyio::Task<> { co_await run_sync(cooperative, &holder_ran_on); };
+    auto queued = [&]() -> anyio::Task<> { co_await run_sync(cooperative, &queued_ran_on); };
+    const Stopwatch stopwatch;
+    anyio::run([&]() -> anyio::Task<> {
+        ids = co_await idle_workers_in_order(2);
+        const bool asleep = co_await idle_workers_asleep();
+        CHECK(asleep);
+        // In the next loop turn: the holder's call wakes the worker that finished last, the
+        // second call is queued for it (the other worker sleeps), and this task returns.
+        anyio::EventLoop::current()->spawn(holder());
+        anyio::EventLoop::current()->spawn(queued());
+        co_await anyio::checkpoint();
+        CHECK(pool().granted_counts().queued == 1);
+    }());
+    CHECK(holder_ran_on == ids[1]);
+    CHECK(queued_ran_on == ids[0]);
+    CHECK(stops_seen == 2);
+    CHECK(stopwatch.elapsed() < 5s);
+}
+
+TEST_CASE("Idle workers are stopped oldest first while sequential calls keep one worker busy",
+          "[to_thread][reaper]") {
+    std::mutex mutex;
+    std::vector<std::thread::id> stopped;  // in the order their on_thread_stop ran
+    run_loop(
+        [&]() -> anyio::Task<> {
+            constexpr std::size_t workers = 6;
+            const std::vector<std::thread::id> ids = co_await idle_workers_in_order(workers);
+            // Traffic: one call after the other for a while. They all run on the most
+            // recently idle worker; the others reach max_idle_time and are stopped.
+            bool others_pruned = false;
+            int other_thread = 0;
+            const auto until = Clock::now() + 5s;
+            while (Clock::now() < until) {
+                if (co_await run_sync(current_thread_id) != ids.back()) ++other_thread;
+                const auto stats = pool_stats();
+                if (stats.threads_pruned == workers - 1 && stats.workers == 1) {
+                    others_pruned = true;
+                    break;
+                }
+                co_await anyio::sleep(1ms);
+            }
+            CHECK(others_pruned);
+            CHECK(other_thread == 0);
+            const bool all_stopped = co_await eventually([&] {
+                std::lock_guard<std::mutex> lock(mutex);
+                return stopped.size() == workers - 1;
+            });
+            CHECK(all_stopped);
+        },
+        {.max_idle_time = 50ms, .on_thread_stop = [&] {
+             std::lock_guard<std::mutex> lock(mutex);
+             stopped.push_back(std::this_thread::get_id());
+         }});
+}
+
+TEST_CASE("Thousands of short and blocking calls from many tasks keep every count exact",
+          "[to_thread][granted][stress]") {
+    run_loop([]() -> anyio::Task<> {
+#ifdef ANYIO_TEST_SANITIZED
+        constexpr int calls = 600;
+#else
+        constexpr int calls = 4000;
+#endif
+        std::atomic<int> running{0};
+        std::atomic<int> peak{0};
+        std::atomic<int> ran{0};
+        int returned = 0;
+        int cancelled = 0;
+        auto work = [&](int kind) {
+            const int now = running.fetch_add(1) + 1;
+            int seen = peak.load();
+            while (now > seen && !peak.compare_exchange_weak(seen, now)) {
+            }
+            if (kind % 10 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200 + kind % 7 * 100));
+            running.fetch_sub(1);
+            ++ran;
+            return kind;
+        };
+        co_await anyio::task_group([&](anyio::TaskGroup& tg) -> anyio::Task<> {
+            for (int i = 0; i < calls; ++i) {
+                tg.start_soon([&, i]() -> anyio::Task<> {
+                    auto call = [&]() -> anyio::Task<> {
+                        if (co_await run_sync(work, i) == i) ++returned;
+                        co_await anyio::checkpoint();
+                    };
+                    if (i % 17 == 0) {
+                        // Cancelled while it waits for a token, or (shielded) while it runs:
+                        // then it still returns fn's value first.
+                        if (!co_await anyio::move_on_after(50us, call())) ++cancelled;
+                    } else {
+                        co_await call();
+                    }
+                });
+                if (i % 100 == 0) co_await anyio::checkpoint();  // bursts, as requests come
+            }
+            co_return;
+        });
+        const auto stats = pool_stats();
+        CHECK(ran == returned);
+        CHECK(returned + cancelled >= calls);
+        CHECK(peak <= 40);
+        CHECK(stats.threads_created <= 40);
+        CHECK(stats.jobs_completed == static_cast<std::uint64_t>(ran.load()));
+        CHECK(stats.busy_workers == 0);
+        CHECK(stats.idle_workers == stats.workers);
+        CHECK(anyio::to_thread::current_default_thread_limiter().borrowed_tokens() == 0);
+        const auto counts = pool().granted_counts();
+        CHECK(counts.queued == counts.claimed + counts.to_backup + counts.to_last);
     });
 }
 

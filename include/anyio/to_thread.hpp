@@ -3,7 +3,9 @@
 //   co_await run_sync(fn)
 //     -> checkpoint: a cancelled caller starts nothing and borrows nothing
 //     -> CapacityLimiter: take a token for a fresh per-call borrower, or wait FIFO (O(1))
-//     -> WorkerPool::dispatch: the most recently idle worker, or a new thread
+//     -> WorkerPool::dispatch: the most recently idle worker if it is awake; if it sleeps,
+//        queued for the worker that finished a job last (GrantedJobs: no wake-up), the
+//        sleeper held as its backup; else a sleeper woken, or a new thread
 //     -> the worker runs fn; the job (fn, args, result slot) lives in this awaiter
 //     -> the worker posts the job back through the loop's lock-free inbox
 //     -> on the loop: worker idle again, token to the next waiter, the caller resumes
