@@ -760,7 +760,13 @@ TEST_CASE("The destructor of an unclosed file closes it on a worker thread", "[f
         CHECK(fd_count() == fds_before + 1);
         const std::uint64_t jobs_before = anyio::to_thread::statistics().jobs_completed;
         file.reset();  // returns at once; the close runs as a pool job
-        AWAIT_CHECK(eventually([&] { return fd_count() == fds_before; }));
+        // The worker closes the descriptor before the loop has processed the job's
+        // completion (which counts it): wait for both.
+        AWAIT_CHECK(eventually([&] {
+            return fd_count() == fds_before &&
+                   anyio::to_thread::statistics().jobs_completed > jobs_before;
+        }));
+        CHECK(fd_count() == fds_before);
         CHECK(anyio::to_thread::statistics().jobs_completed == jobs_before + 1);
     });
 }

@@ -478,6 +478,7 @@ private:
     void begin_draining() noexcept;
     void shutdown() noexcept;
     void destroy_tasks_when_released() noexcept;
+    void destroy_suspended_task(detail::TaskState& task) noexcept;
     [[nodiscard]] bool held_by_service(const detail::TaskState& task,
                                        std::optional<time_point>& until) noexcept;
     void close_without_running() noexcept;
@@ -832,11 +833,17 @@ inline void EventLoop::destroy_tasks_when_released() noexcept {
             continue;
         }
         live_tasks_.pop_back();
-        auto& root = static_cast<detail::RootTask&>(*task);
-        detail::destroy_task_frames(root);
-        drop_ready_queue();
-        detail::free_destroyed_task(root);
+        destroy_suspended_task(*task);
     }
+}
+
+/// Destroys one suspended task that is off live_tasks_: its frames, then what their
+/// destructors scheduled (this task among them, possibly), and only then its root.
+inline void EventLoop::destroy_suspended_task(detail::TaskState& task) noexcept {
+    auto& root = static_cast<detail::RootTask&>(task);
+    detail::destroy_task_frames(root);
+    drop_ready_queue();
+    detail::free_destroyed_task(root);
 }
 
 inline bool EventLoop::held_by_service(const detail::TaskState& task,
@@ -933,12 +940,7 @@ inline void EventLoop::drop_ready_queue() noexcept {
 /// Destroys the frames of every task still alive, newest task first, dropping what each
 /// destruction schedules before the next (older) task's frames go.
 inline void EventLoop::destroy_live_tasks() noexcept {
-    while (detail::TaskState* task = live_tasks_.pop_back()) {
-        auto& root = static_cast<detail::RootTask&>(*task);
-        detail::destroy_task_frames(root);
-        drop_ready_queue();
-        detail::free_destroyed_task(root);
-    }
+    while (detail::TaskState* task = live_tasks_.pop_back()) destroy_suspended_task(*task);
 }
 
 /// Frees the timers still queued (call_at nodes own themselves) without firing them.

@@ -15,7 +15,8 @@
 # <build dir>/fuzz-artifacts/<target>/ and its path printed; replay it with
 #   <build dir>/tests/fuzz/<target> <input>
 # and, once fixed, add it to tests/fuzz/corpus/<target>/ so it stays fixed. Prints the
-# number of executions (and executions per second) of each target.
+# number of executions (and executions per second) of each target. The targets run
+# concurrently, each on its own core for the whole time.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -67,8 +68,9 @@ cmake --build "$build" -j "$jobs" --target $targets
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:abort_on_error=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 
-status=0
-for target in $targets; do
+# One target: fuzz (or replay) it, print its summary, and return non-zero on any finding.
+fuzz_one() {
+    local target=$1 binary seeds artifacts scratch log rc runs took
     binary=$build/tests/fuzz/$target
     seeds=$root/tests/fuzz/corpus/$target
     artifacts=$build/fuzz-artifacts/$target
@@ -114,9 +116,25 @@ for target in $targets; do
             ls "$artifacts" 2>/dev/null | sed "s|^|  kept input: $artifacts/|" >&2
         fi
         echo "  full log: $log" >&2
-        status=1
-    else
-        rm -rf "$scratch"
+        return 1
     fi
+    rm -rf "$scratch"
+}
+
+# The targets run at the same time, one per core (each still for SECONDS): their summaries
+# are printed in order once all have finished.
+status=0
+pids=()
+outputs=()
+for target in $targets; do
+    out=$(mktemp "${TMPDIR:-/tmp}/anyio-fuzz-out.XXXXXX")
+    fuzz_one "$target" >"$out" 2>&1 &
+    pids+=($!)
+    outputs+=("$out")
+done
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || status=1
+    cat "${outputs[$i]}"
+    rm -f "${outputs[$i]}"
 done
 exit $status
