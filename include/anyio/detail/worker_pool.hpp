@@ -655,9 +655,12 @@ private:
     void prune(time_point now) {
         while (WorkerThread* oldest = idle_.back()) {
             if (now - oldest->idle_since_ < max_idle_time_) break;
-            if (oldest->taking()) break;  // its claim makes it busy: look again later
+            // Not taking() then retire(): a worker that is `last` could claim a granted job in
+            // between, and a retiring worker's call would be counted nowhere (busy_workers,
+            // shutdown_timeout's give-up). Stopping it and claiming are one word's CAS each.
+            if (!oldest->stop_if_idle()) break;  // its claim makes it busy: look again later
             ++threads_pruned_;
-            retire(oldest);
+            retire(oldest);  // request_stop() again: no-op on a stopped mailbox
         }
     }
 

@@ -7,7 +7,9 @@
 // never touches a job after posting it.
 //
 // A worker's life. [brackets]: the pool list it is in, as the loop sees it. Every transition
-// between lists is made on the loop thread, and nothing on the loop ever waits for a worker.
+// between lists is made on the loop thread. The loop waits for a worker in one place only:
+// before it adds a thread, until every claim of a granted job is known (a claimer takes a few
+// instructions for that; WorkerPool::wait_until_claims_known).
 //
 //      WorkerPool::start_worker: a std::thread, created with every asynchronous signal blocked
 //            |
@@ -250,9 +252,13 @@ public:
     /// Hands `job` to this worker unless it is taking a granted job (loop thread). Wakes it if
     /// it sleeps. False: it is `taking` (it runs, or is about to run, a job it claimed).
     bool try_give(JobBase* job) noexcept {
+        // acquire, before job_ is written: the worker may still be reading job_ from its
+        // previous hand-over (the loop can wake `last` with a job before its last completion
+        // arrives); the empty or sleeping it wrote after that read (release) orders the read
+        // before this write.
+        std::uint32_t state = state_.load(std::memory_order_acquire);
+        if (state != empty && state != sleeping) return false;
         job_ = job;  // read by the worker only after it sees has_job (published below)
-        // relaxed: only a first guess for the compare-and-swap, which re-reads.
-        std::uint32_t state = state_.load(std::memory_order_relaxed);
         while (state == empty || state == sleeping) {
             // release: publishes job_ (and the job's contents) to the worker, which loads the
             // state with acquire. acquire: we learn whether it went to sleep, to wake it only
@@ -278,6 +284,25 @@ public:
     [[nodiscard]] bool taking() const noexcept {
         // relaxed: a hint only; the worker may start or stop taking right after.
         return state_.load(std::memory_order_relaxed) == taking_job;
+    }
+
+    /// Stops the worker if it neither has a job handed to it nor is taking a granted one
+    /// (loop thread). False: it is busy after all (it claimed a granted job just now); it was
+    /// not asked to stop. Once this succeeds the worker runs nothing more: its own move to
+    /// `taking` fails.
+    [[nodiscard]] bool stop_if_idle() noexcept {
+        // relaxed: only a first guess for the compare-and-swap, which re-reads.
+        std::uint32_t state = state_.load(std::memory_order_relaxed);
+        while (state == empty || state == sleeping) {
+            // acq_rel: as in try_give(); the compare-and-swap excludes the worker's
+            // empty -> taking one, so a claim and this stop cannot both succeed.
+            if (state_.compare_exchange_weak(state, stopping, std::memory_order_acq_rel,
+                                             std::memory_order_acquire)) {
+                if (state == sleeping) futex_wake(&state_);
+                return true;
+            }
+        }
+        return false;
     }
 
     /// Asks the worker to exit once its current job (if any) is done (loop thread).
