@@ -259,17 +259,7 @@ public:
         std::uint32_t state = state_.load(std::memory_order_acquire);
         if (state != empty && state != sleeping) return false;
         job_ = job;  // read by the worker only after it sees has_job (published below)
-        while (state == empty || state == sleeping) {
-            // release: publishes job_ (and the job's contents) to the worker, which loads the
-            // state with acquire. acquire: we learn whether it went to sleep, to wake it only
-            // then.
-            if (state_.compare_exchange_weak(state, has_job, std::memory_order_acq_rel,
-                                             std::memory_order_acquire)) {
-                if (state == sleeping) futex_wake(&state_);
-                return true;
-            }
-        }
-        return false;
+        return replace_idle(state, has_job);
     }
 
     /// True if the worker sleeps on its mailbox (loop thread). A sleeper can be held as the
@@ -291,18 +281,10 @@ public:
     /// not asked to stop. Once this succeeds the worker runs nothing more: its own move to
     /// `taking` fails.
     [[nodiscard]] bool stop_if_idle() noexcept {
-        // relaxed: only a first guess for the compare-and-swap, which re-reads.
-        std::uint32_t state = state_.load(std::memory_order_relaxed);
-        while (state == empty || state == sleeping) {
-            // acq_rel: as in try_give(); the compare-and-swap excludes the worker's
-            // empty -> taking one, so a claim and this stop cannot both succeed.
-            if (state_.compare_exchange_weak(state, stopping, std::memory_order_acq_rel,
-                                             std::memory_order_acquire)) {
-                if (state == sleeping) futex_wake(&state_);
-                return true;
-            }
-        }
-        return false;
+        // relaxed: only a first guess for the compare-and-swap, which re-reads. That
+        // compare-and-swap excludes the worker's empty -> taking one, so a claim and this stop
+        // cannot both succeed.
+        return replace_idle(state_.load(std::memory_order_relaxed), stopping);
     }
 
     /// Asks the worker to exit once its current job (if any) is done (loop thread).
@@ -316,14 +298,7 @@ public:
         std::uint32_t state = state_.load(std::memory_order_seq_cst);
         // A job handed over but not yet taken, or a granted job being taken, stays: the worker
         // checks the flag after it.
-        while (state == empty || state == sleeping) {
-            // acq_rel: as in try_give(); the CAS keeps a concurrent take of a job intact.
-            if (state_.compare_exchange_weak(state, stopping, std::memory_order_acq_rel,
-                                             std::memory_order_acquire)) {
-                if (state == sleeping) futex_wake(&state_);
-                return;
-            }
-        }
+        (void)replace_idle(state, stopping);
     }
 
     /// Waits for the thread to end (loop thread). Called once the worker has posted its
@@ -366,6 +341,23 @@ private:
         WorkerThread* worker;
     };
     friend void worker_exited(Runnable* self, bool run);
+
+    /// Moves the mailbox from empty or sleeping to `to` (loop thread), waking the worker if
+    /// it slept; `state` is the caller's last reading. False, and nothing changed: it holds a
+    /// job handed over, is taking a granted one, or is stopping.
+    bool replace_idle(std::uint32_t state, std::uint32_t to) noexcept {
+        while (state == empty || state == sleeping) {
+            // release: publishes what the loop wrote before (job_, the job's contents) to the
+            // worker, which loads the state with acquire. acquire: we learn whether it went to
+            // sleep, to wake it only then.
+            if (state_.compare_exchange_weak(state, to, std::memory_order_acq_rel,
+                                             std::memory_order_acquire)) {
+                if (state == sleeping) futex_wake(&state_);
+                return true;
+            }
+        }
+        return false;
+    }
 
     void main() {
         // Held to the very end: the loop may free `this` as soon as the exited node is posted,
