@@ -54,7 +54,7 @@
 //      empty --give--> has_job --worker takes it--> empty          (loop: give, CAS)
 //      empty --worker parks--> sleeping --give (+ futex wake)--> has_job
 //      empty --worker claims a granted job--> taking --job done--> empty   (worker, CAS)
-//      empty | sleeping --request_stop--> stopping                 (loop, CAS)
+//      empty | sleeping --request_stop, stop_if_idle--> stopping   (loop, CAS)
 //
 // While `taking`, give() fails: the loop never hands a job to a worker that runs a job the
 // loop has not attributed to it yet (it learns that from the job's runner_). request_stop()
