@@ -503,6 +503,63 @@ def header_section_over_16_kib_gets_431(s):
     assert r.status == 200, r
 
 
+def head_of(size, method="GET", target="/async", headers=()):
+    """A request head (request line to the blank line) of exactly `size` bytes."""
+    lines = [f"{method} {target}?pad= HTTP/1.1", "Host: test", *headers]
+    short = size - len("\r\n".join(lines).encode() + b"\r\n\r\n")
+    assert short >= 0, size
+    lines[0] = f"{method} {target}?pad={'p' * short} HTTP/1.1"
+    head = "\r\n".join(lines).encode() + b"\r\n\r\n"
+    assert len(head) == size
+    return head
+
+
+def send_split(c, data, piece):
+    """Sends `data` whole (piece 0) or in pieces of `piece` bytes, each its own segment."""
+    c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if piece == 0:
+        return c.send(data)
+    try:
+        for i in range(0, len(data), piece):
+            c.send(data[i:i + piece])
+            time.sleep(0.001)  # not synchronisation: the answer must not depend on the split
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused before the last piece
+
+
+@case
+def the_header_limit_falls_on_the_same_byte_however_the_request_is_split(s):
+    """16,384 bytes of head pass and 16,385 get 431, whole or split; a bad byte after the limit is 431, before it 400"""
+    limit = 16 * 1024
+    bad_target = "/async?pad=" + "b" * (limit + 100) + "\x01"  # the fuzzer's case: over the limit, then malformed
+    cases = [(head_of(limit), 200), (head_of(limit + 1), 431),
+             (f"GET {bad_target} HTTP/1.1\r\nHost: test\r\n\r\n".encode(), 431),
+             (b"GET /async?pad=\x01" + b"b" * (limit + 100) + b" HTTP/1.1\r\nHost: test\r\n\r\n", 400)]
+    for data, status in cases:
+        for piece in (0, 1000, 4099):
+            with Connection(s.port) as c:
+                send_split(c, data, piece)
+                r = c.reply()
+                assert r.status == status, (len(data), piece, r)
+    with Connection(s.port) as c:  # Expect: 100-continue with a head of exactly the limit
+        c.send(head_of(limit, "POST", "/echo", ["Content-Length: 5", "Expect: 100-continue"]))
+        assert c.reply().status == 100
+        c.send(b"hello")
+        r = c.reply()
+        assert (r.status, r.body) == (200, b"hello"), r
+    with Connection(s.port) as c:  # trailers have a limit of their own, not charged to the next head
+        trailer = b"X-Trailer: " + b"t" * (limit - len(b"X-Trailer: \r\n\r\n")) + b"\r\n\r\n"
+        assert len(trailer) == limit
+        c.send(request("POST", "/echo", ["Transfer-Encoding: chunked"]) + b"2\r\nhi\r\n0\r\n" + trailer +
+               head_of(limit))
+        first, second = c.reply(), c.reply()
+        assert (first.status, first.body, second.status) == (200, b"hi", 200), (first, second)
+    with Connection(s.port) as c:
+        c.send(request("POST", "/echo", ["Transfer-Encoding: chunked"]) + b"2\r\nhi\r\n0\r\n" +
+               b"X-Trailer: " + b"t" * limit + b"\r\n\r\n")
+        assert c.reply().status == 431
+
+
 @case
 def expect_100_continue_is_answered_before_the_body(s):
     """Expect: 100-continue gets "100 Continue" before the client sends the body"""
